@@ -1,0 +1,7 @@
+"""dist_infonce: exact, memory-linear contrastive losses for very large global batches."""
+
+from dist_infonce.dist import GatherLayer, all_gather_with_grad
+from dist_infonce.losses import InfoNCE, NTXent, info_nce, nt_xent
+
+__all__ = ["GatherLayer", "InfoNCE", "NTXent", "all_gather_with_grad", "info_nce", "nt_xent"]
+__version__ = "0.1.0"
