@@ -258,7 +258,9 @@ def gather_with_info(
     """
     if not is_distributed(group):
         n = x.shape[0] if x.dim() else 1
-        return x, GatherInfo(sizes=(n,), counts=(n if count is None else count,), rank=0, group=group)
+        return x, GatherInfo(
+            sizes=(n,), counts=(n if count is None else count,), rank=0, group=group
+        )
     info = _exchange_meta(x, group, count)
     return _AllGatherCat.apply(x, info), info
 

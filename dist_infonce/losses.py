@@ -53,7 +53,9 @@ def _check_matrix(name: str, x: object, ndim: int, shape: str) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.shape[-1] == 0:
-        raise ValueError(f"{name} must have an embedding dimension D >= 1, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have an embedding dimension D >= 1, got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -66,7 +68,9 @@ def _check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
     if x.dtype != ref.dtype:
         raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
     if x.device != ref.device:
-        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+        raise ValueError(
+            f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}"
+        )
 
 
 def _check_rows(name: str, n: int, gather: bool) -> None:
@@ -140,17 +144,23 @@ def _check_info_nce_inputs(
             "None with it"
         )
     if negative_mode == "unpaired":
-        neg = _check_matrix("negative_keys", negative_keys, 2, "(M, D) for negative_mode='unpaired'")
+        neg = _check_matrix(
+            "negative_keys", negative_keys, 2, "(M, D) for negative_mode='unpaired'"
+        )
         _check_rows("negative_keys", neg.shape[0], gather)
     else:
-        neg = _check_matrix("negative_keys", negative_keys, 3, "(N, M, D) for negative_mode='paired'")
+        neg = _check_matrix(
+            "negative_keys", negative_keys, 3, "(N, M, D) for negative_mode='paired'"
+        )
         if neg.shape[0] != q.shape[0]:
             raise ValueError(
                 "negative_keys with negative_mode='paired' must have one set per query: "
                 f"shape (N={q.shape[0]}, M, D), got {tuple(neg.shape)}"
             )
         if neg.shape[1] == 0:
-            raise ValueError(f"negative_keys must have at least one negative per query, got {tuple(neg.shape)}")
+            raise ValueError(
+                f"negative_keys must have at least one negative per query, got {tuple(neg.shape)}"
+            )
     _check_same("negative_keys", neg, "query", q)
 
 
@@ -374,7 +384,9 @@ def _check_nt_xent_inputs(z1: object, z2: object, gather: bool) -> None:
     a = _check_matrix("z1", z1, 2, "(N, D)")
     b = _check_matrix("z2", z2, 2, "(N, D)")
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"z1 and z2 must have the same number of rows N, got {a.shape[0]} and {b.shape[0]}")
+        raise ValueError(
+            f"z1 and z2 must have the same number of rows N, got {a.shape[0]} and {b.shape[0]}"
+        )
     _check_same("z2", b, "z1", a)
     _check_rows("z1", a.shape[0], gather)
 
@@ -436,7 +448,11 @@ class _TemperatureModule(nn.Module):
         _check_temperature(temperature)
         self.learn_temperature = learn_temperature
         if learn_temperature:
-            init = float(temperature.detach()) if isinstance(temperature, torch.Tensor) else temperature
+            init = (
+                float(temperature.detach())
+                if isinstance(temperature, torch.Tensor)
+                else temperature
+            )
             # log(1 / temperature): a multiplicative parametrisation keeps the
             # temperature positive and makes its steps scale-free.
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init)))
@@ -500,7 +516,9 @@ class InfoNCE(_TemperatureModule):
         super().__init__(temperature, learn_temperature)
         _check_options(reduction, chunk_size)
         if negative_mode not in _NEGATIVE_MODES:
-            raise ValueError(f"negative_mode must be one of {_NEGATIVE_MODES}, got {negative_mode!r}")
+            raise ValueError(
+                f"negative_mode must be one of {_NEGATIVE_MODES}, got {negative_mode!r}"
+            )
         self.reduction = reduction
         self.negative_mode = negative_mode
         self.symmetric = symmetric

@@ -44,6 +44,166 @@ def _mask_tile(s: torch.Tensor, mask_idx: torch.Tensor | None, j0: int) -> None:
         s[rows, local[rows]] = float("-inf")
 
 
+# exp(s - C) keeps full relative precision (no underflow to subnormals) while
+# s - C >= -range: exp(-64) ~ 1.6e-28 >> float32's smallest normal 1.2e-38.
+_SHIFT_RANGE = {torch.float32: 64.0, torch.float64: 600.0}
+
+
+def _fixed_shift(at: torch.Tensor, b: torch.Tensor) -> float | None:
+    """One shift C valid for every logit of ``at @ b.T``, or None.
+
+    By Cauchy-Schwarz |s_ij| <= C = max_i |at_i| * max_j |b_j|. When 2C fits the
+    dtype's safe exponent range, ``exp(s - C)`` neither overflows nor loses
+    precision anywhere, so one exp per tile serves the row and the column
+    statistics (and both gradient directions) instead of one exp per direction
+    with per-row / per-column maxima. With L2-normalised inputs C = 1/temperature:
+    the fast path holds for temperature >= 1/32 in float32.
+    """
+    if at.shape[0] == 0 or b.shape[0] == 0:
+        return None
+    bound = float(at.norm(dim=1).max() * b.norm(dim=1).max())  # one host sync
+    return bound if 2.0 * bound <= _SHIFT_RANGE[at.dtype] else None
+
+
+def _forward_shifted(
+    at: torch.Tensor,
+    b: torch.Tensor,
+    mask_idx: torch.Tensor | None,
+    want_cols: bool,
+    chunk: int,
+    shift: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, m = at.shape[0], b.shape[0]
+    rsum = at.new_zeros(n)
+    csum = at.new_zeros(m if want_cols else 0)
+    for i0 in range(0, n, chunk):
+        ai = at[i0 : i0 + chunk]
+        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
+        for j0 in range(0, m, chunk):
+            e = ai @ b[j0 : j0 + chunk].T
+            _mask_tile(e, mi, j0)
+            e.sub_(shift).exp_()
+            rsum[i0 : i0 + chunk] += e.sum(1)
+            if want_cols:
+                csum[j0 : j0 + chunk] += e.sum(0)
+    return rsum.log_().add_(shift), csum.log_().add_(shift)
+
+
+def _forward_online(
+    at: torch.Tensor,
+    b: torch.Tensor,
+    mask_idx: torch.Tensor | None,
+    want_cols: bool,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # General case: per-tile log-sum-exps (each with its own max) merged with
+    # logaddexp, so no logit range is assumed.
+    n, m = at.shape[0], b.shape[0]
+    lse = at.new_full((n,), float("-inf"))
+    clse = at.new_full((m if want_cols else 0,), float("-inf"))
+    for i0 in range(0, n, chunk):
+        ai = at[i0 : i0 + chunk]
+        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
+        acc = lse[i0 : i0 + chunk]
+        for j0 in range(0, m, chunk):
+            s = ai @ b[j0 : j0 + chunk].T
+            _mask_tile(s, mi, j0)
+            if want_cols:
+                c = clse[j0 : j0 + chunk]
+                torch.logaddexp(c, torch.logsumexp(s, dim=0), out=c)
+            torch.logaddexp(acc, torch.logsumexp(s, dim=1), out=acc)
+    return lse, clse
+
+
+def _backward_shifted(
+    at: torch.Tensor,
+    b: torch.Tensor,
+    mask_idx: torch.Tensor | None,
+    lse: torch.Tensor,
+    clse: torch.Tensor,
+    g_lse: torch.Tensor,
+    g_clse: torch.Tensor | None,
+    chunk: int,
+    shift: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(G @ B, G^T @ at)`` with G = E * (alpha_i + beta_j), E = exp(S - C).
+
+    alpha_i = g_i * exp(C - lse_i) <= g_i * exp(2C) cannot overflow (lse_i >= -C).
+    """
+    n, m = at.shape[0], b.shape[0]
+    alpha = g_lse * (shift - lse).exp()
+    u = torch.zeros_like(at)
+    db = torch.zeros_like(b)
+    if g_clse is None:
+        # Rows only: alpha is constant along a row, so apply it to the (N, D)
+        # results instead of the (N, M) tiles: no elementwise pass beyond exp.
+        at_alpha = at * alpha[:, None]
+        for i0 in range(0, n, chunk):
+            ai = at_alpha[i0 : i0 + chunk]
+            ai_raw = at[i0 : i0 + chunk]
+            mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
+            ui = u[i0 : i0 + chunk]
+            for j0 in range(0, m, chunk):
+                bj = b[j0 : j0 + chunk]
+                e = ai_raw @ bj.T
+                _mask_tile(e, mi, j0)
+                e.sub_(shift).exp_()
+                ui.addmm_(e, bj)
+                db[j0 : j0 + chunk].addmm_(e.T, ai)
+        u.mul_(alpha[:, None])
+        return u, db
+    beta = g_clse * (shift - clse).exp()
+    for i0 in range(0, n, chunk):
+        ai = at[i0 : i0 + chunk]
+        al = alpha[i0 : i0 + chunk, None]
+        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
+        ui = u[i0 : i0 + chunk]
+        for j0 in range(0, m, chunk):
+            bj = b[j0 : j0 + chunk]
+            e = ai @ bj.T
+            _mask_tile(e, mi, j0)
+            e.sub_(shift).exp_()
+            g = e.mul_(al + beta[None, j0 : j0 + chunk])
+            ui.addmm_(g, bj)
+            db[j0 : j0 + chunk].addmm_(g.T, ai)
+    return u, db
+
+
+def _backward_online(
+    at: torch.Tensor,
+    b: torch.Tensor,
+    mask_idx: torch.Tensor | None,
+    lse: torch.Tensor,
+    clse: torch.Tensor,
+    g_lse: torch.Tensor,
+    g_clse: torch.Tensor | None,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(G @ B, G^T @ at)`` with G = g_i exp(S - lse_i) + g_j exp(S - clse_j)."""
+    n, m = at.shape[0], b.shape[0]
+    u = torch.zeros_like(at)
+    db = torch.zeros_like(b)
+    for i0 in range(0, n, chunk):
+        ai = at[i0 : i0 + chunk]
+        gi = g_lse[i0 : i0 + chunk, None]
+        li = lse[i0 : i0 + chunk, None]
+        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
+        ui = u[i0 : i0 + chunk]
+        for j0 in range(0, m, chunk):
+            bj = b[j0 : j0 + chunk]
+            s = ai @ bj.T
+            _mask_tile(s, mi, j0)
+            if g_clse is not None:
+                g = (s - clse[None, j0 : j0 + chunk]).exp_()
+                g.mul_(g_clse[None, j0 : j0 + chunk])
+                g.addcmul_(s.sub_(li).exp_(), gi)
+            else:
+                g = s.sub_(li).exp_().mul_(gi)
+            ui.addmm_(g, bj)
+            db[j0 : j0 + chunk].addmm_(g.T, ai)
+    return u, db
+
+
 def dense_lse(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -81,29 +241,21 @@ class _ChunkedLSE(torch.autograd.Function):
         chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dt = compute_dtype(a.dtype)
-        n, m = a.shape[0], b.shape[0]
         t = inv_temp.detach().to(dt)
         # Fold the temperature into A once (N x D) instead of scaling every tile.
         at = a.detach().to(dt) * t
         bf = b.detach().to(dt)
-        lse = torch.full((n,), float("-inf"), dtype=dt, device=a.device)
-        clse = torch.full((m if want_cols else 0,), float("-inf"), dtype=dt, device=a.device)
-        for i0 in range(0, n, chunk):
-            ai = at[i0 : i0 + chunk]
-            mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
-            acc = lse[i0 : i0 + chunk]
-            for j0 in range(0, m, chunk):
-                s = ai @ bf[j0 : j0 + chunk].T
-                _mask_tile(s, mi, j0)
-                if want_cols:
-                    c = clse[j0 : j0 + chunk]
-                    torch.logaddexp(c, torch.logsumexp(s, dim=0), out=c)
-                torch.logaddexp(acc, torch.logsumexp(s, dim=1), out=acc)
+        shift = _fixed_shift(at, bf)
+        if shift is not None:
+            lse, clse = _forward_shifted(at, bf, mask_idx, want_cols, chunk, shift)
+        else:
+            lse, clse = _forward_online(at, bf, mask_idx, want_cols, chunk)
         if extra is not None:
             lse = torch.logaddexp(lse, extra.detach().to(dt))
         ctx.save_for_backward(a, b, inv_temp, extra, mask_idx, lse, clse)
         ctx.want_cols = want_cols
         ctx.chunk = chunk
+        ctx.shift = shift
         return lse, clse
 
     @staticmethod
@@ -113,35 +265,16 @@ class _ChunkedLSE(torch.autograd.Function):
         a, b, inv_temp, extra, mask_idx, lse, clse = ctx.saved_tensors
         chunk, want_cols = ctx.chunk, ctx.want_cols
         dt = lse.dtype
-        n, m = a.shape[0], b.shape[0]
         t = inv_temp.detach().to(dt)
         af = a.detach().to(dt)
         at = af * t
         bf = b.detach().to(dt)
         g_lse = g_lse.to(dt)
         g_clse = g_clse.to(dt) if want_cols else None
-        # u = G @ B (unscaled); dA = t * u and dt = sum(A * u).
-        u = torch.zeros_like(af)
-        db = torch.zeros_like(bf)
-        for i0 in range(0, n, chunk):
-            ai = at[i0 : i0 + chunk]
-            gi = g_lse[i0 : i0 + chunk, None]
-            li = lse[i0 : i0 + chunk, None]
-            mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
-            ui = u[i0 : i0 + chunk]
-            for j0 in range(0, m, chunk):
-                bj = bf[j0 : j0 + chunk]
-                s = ai @ bj.T
-                _mask_tile(s, mi, j0)
-                if want_cols:
-                    q = (s - clse[None, j0 : j0 + chunk]).exp_()
-                    q.mul_(g_clse[None, j0 : j0 + chunk])
-                    # G = g_row * exp(S - lse) + g_col * exp(S - clse); reuse s's buffer.
-                    g = q.addcmul_(s.sub_(li).exp_(), gi)
-                else:
-                    g = s.sub_(li).exp_().mul_(gi)
-                ui.addmm_(g, bj)
-                db[j0 : j0 + chunk].addmm_(g.T, ai)
+        if ctx.shift is not None:
+            u, db = _backward_shifted(at, bf, mask_idx, lse, clse, g_lse, g_clse, chunk, ctx.shift)
+        else:
+            u, db = _backward_online(at, bf, mask_idx, lse, clse, g_lse, g_clse, chunk)
         grad_a = grad_b = grad_t = grad_extra = None
         if ctx.needs_input_grad[0]:
             grad_a = (u * t).to(a.dtype)
