@@ -1,0 +1,197 @@
+"""Functions that run on every rank of a real gloo world (see tests/_world.py).
+
+Data is generated from a seed for the *global* batch on every rank, and each rank
+takes its slice, so the test process can rebuild exactly the same global batch
+for its single-process float64 reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_infonce import GatherLayer, InfoNCE, NTXent, all_gather_with_grad
+from dist_infonce.losses import info_nce
+
+# ------------------------------------------------------------------- GatherLayer
+
+
+def rank_rows(
+    seed: int, rank: int, n: int, trailing: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return torch.randn((n, *trailing), generator=g, dtype=torch.float64).to(dtype)
+
+
+def rank_weights(seed: int, rank: int, total: int, trailing: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + 500 + rank)
+    return torch.randn((total, *trailing), generator=g, dtype=torch.float64)
+
+
+def gather_case(
+    sizes: list[int], trailing: tuple[int, ...], dtype: torch.dtype, seed: int, use_layer: bool
+) -> dict[str, Any]:
+    """Gather rank-specific rows; loss_r = sum(w_r * gathered). Return output and grad."""
+    rank = dist.get_rank()
+    x = rank_rows(seed, rank, sizes[rank], trailing, dtype).requires_grad_()
+    if use_layer:
+        parts = GatherLayer.apply(x)
+        assert len(parts) == len(sizes)
+        assert [p.shape[0] for p in parts] == sizes
+        out = torch.cat(parts)
+    else:
+        out = all_gather_with_grad(x)
+    w = rank_weights(seed, rank, sum(sizes), trailing).to(dtype)
+    (out * w).sum().backward()
+    return {"out": out.detach(), "grad": x.grad.detach()}
+
+
+def gather_mismatch_case(kind: str) -> str:
+    """Rank 1 disagrees on trailing shape or dtype; every rank must raise ValueError."""
+    rank = dist.get_rank()
+    dtype = torch.float64 if (kind == "dtype" and rank == 1) else torch.float32
+    dim = 5 if (kind == "shape" and rank == 1) else 4
+    x = torch.zeros(3, dim, dtype=dtype)
+    try:
+        all_gather_with_grad(x)
+    except ValueError as e:
+        # The group must still be usable: a follow-up collective succeeds.
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return f"ValueError: {e} | follow-up all_reduce={t.item()}"
+    return "no error"
+
+
+@contextmanager
+def _count_collectives() -> Iterator[list[tuple[str, int]]]:
+    """Record every collective this process issues (the real call still runs)."""
+    calls: list[tuple[str, int]] = []
+    names = [
+        "all_gather_single", "reduce_scatter_single", "all_reduce", "all_gather",
+        "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter", "broadcast",
+    ]  # fmt: skip
+    originals = {n: getattr(dist, n) for n in names}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            numel = max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
+            calls.append((name, numel))
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for n, fn in originals.items():
+        setattr(dist, n, wrap(n, fn))
+    try:
+        yield calls
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+
+
+def collectives_case(mode: str, n: int, d: int, chunk: int | None) -> dict[str, Any]:
+    """Collectives issued by one forward and one backward with gather=True."""
+    torch.manual_seed(dist.get_rank())
+    q = torch.randn(n, d, requires_grad=True)
+    k = torch.randn(n, d, requires_grad=True)
+    neg = torch.randn(n + 1, d, requires_grad=True) if mode == "unpaired" else None
+    with _count_collectives() as fwd:
+        if mode == "ntxent":
+            from dist_infonce import nt_xent
+
+            loss = nt_xent(q, k, gather=True, chunk_size=chunk)
+        else:
+            loss = info_nce(q, k, neg, symmetric=mode == "sym", gather=True, chunk_size=chunk)
+    with _count_collectives() as bwd:
+        loss.backward()
+    return {"forward": list(fwd), "backward": list(bwd)}
+
+
+# ------------------------------------------------------------ DDP gradient checks
+
+D_IN, D_EMB, PAIRED_NEGS = 6, 5, 3
+
+
+class Towers(nn.Module):
+    """Two small towers and a loss with a learnable temperature, as in CLIP."""
+
+    def __init__(self, mode: str, loss: nn.Module) -> None:
+        super().__init__()
+        self.mode = mode
+        self.q = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D_EMB))
+        if mode != "ntxent":  # NT-Xent: one encoder sees both views
+            self.k = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D_EMB))
+        self.loss = loss
+
+    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xn: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == "ntxent":
+            return self.loss(self.q(xq), self.q(xk))  # one encoder, two views
+        neg = None if xn is None else self.k(xn)
+        return self.loss(self.q(xq), self.k(xk), neg)
+
+
+def make_model(mode: str, chunk: int | None, temperature: float, gather: bool, seed: int) -> Towers:
+    if mode == "ntxent":
+        loss: nn.Module = NTXent(
+            temperature, chunk_size=chunk, gather=gather, learn_temperature=True
+        )
+    else:
+        loss = InfoNCE(
+            temperature,
+            negative_mode="paired" if mode == "paired" else "unpaired",
+            symmetric=mode == "sym",
+            chunk_size=chunk,
+            gather=gather,
+            learn_temperature=True,
+        )
+    torch.manual_seed(seed)
+    return Towers(mode, loss).double()
+
+
+def make_data(
+    mode: str, sizes: list[int], neg_sizes: list[int], seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The global batch: queries, positives and (unpaired / paired) negatives."""
+    g = torch.Generator().manual_seed(seed + 1)
+    n = sum(sizes)
+    xq = torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    # Positives are a noisy copy of the query: a loss that is not saturated.
+    xk = xq + 0.5 * torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    xn = None
+    if mode == "unpaired":
+        xn = torch.randn(sum(neg_sizes), D_IN, generator=g, dtype=torch.float64)
+    elif mode == "paired":
+        xn = torch.randn(n, PAIRED_NEGS, D_IN, generator=g, dtype=torch.float64)
+    return xq, xk, xn
+
+
+def ddp_case(
+    mode: str,
+    sizes: list[int],
+    neg_sizes: list[int],
+    chunk: int | None,
+    temperature: float,
+    seed: int,
+) -> dict[str, Any]:
+    """One DDP step on this rank's slice; return the loss and the averaged gradients."""
+    rank = dist.get_rank()
+    xq, xk, xn = make_data(mode, sizes, neg_sizes, seed)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    if mode == "unpaired":
+        xn = xn[sum(neg_sizes[:rank]) : sum(neg_sizes[: rank + 1])]
+    elif mode == "paired":
+        xn = xn[rows]
+    model = make_model(mode, chunk, temperature, gather=True, seed=seed)
+    ddp = DistributedDataParallel(model)
+    loss = ddp(xq[rows], xk[rows], xn)
+    loss.backward()
+    return {
+        "loss": loss.item(),
+        "grads": {name: p.grad.detach().clone() for name, p in model.named_parameters()},
+    }

@@ -1,0 +1,124 @@
+"""Multi-rank tests on real gloo processes, compared with single-process references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import dist_cases
+from tests._world import Worlds
+
+# World size -> uneven local batches (a rank with 0 rows included) and unpaired
+# negatives per rank.
+LAYOUTS = {
+    2: ([5, 3], [4, 2]),
+    3: ([4, 0, 6], [0, 3, 5]),
+    4: ([3, 5, 1, 4], [2, 2, 0, 3]),
+}
+DTYPE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------- GatherLayer
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL))
+@pytest.mark.parametrize("use_layer", [True, False], ids=["GatherLayer", "all_gather_with_grad"])
+def test_gather_values_and_summed_gradients(
+    worlds: Worlds, world_size: int, dtype: torch.dtype, use_layer: bool
+) -> None:
+    sizes = LAYOUTS[world_size][0]
+    trailing = (3, 2)
+    seed = 7
+    res = worlds.run(world_size, dist_cases.gather_case, sizes, trailing, dtype, seed, use_layer)
+    expected_out = torch.cat(
+        [dist_cases.rank_rows(seed, r, n, trailing, dtype) for r, n in enumerate(sizes)]
+    )
+    # d/dx_r of sum_s sum(w_s * gathered) = sum over ranks s of w_s[rows of r].
+    w_sum = sum(dist_cases.rank_weights(seed, s, sum(sizes), trailing) for s in range(world_size))
+    start = 0
+    for r, n in enumerate(sizes):
+        assert torch.equal(res[r]["out"], expected_out), f"rank {r} gathered wrong rows"
+        grad = res[r]["grad"]
+        assert grad.dtype == dtype and grad.shape == (n, *trailing)
+        expected = w_sum[start : start + n]
+        if n:
+            assert rel_err(grad, expected) <= DTYPE_TOL[dtype], f"rank {r}"
+        start += n
+
+
+def test_gather_backward_is_not_the_own_slice_only(worlds: Worlds) -> None:
+    # The SimCLR-port bug returns grad_r[rows of r]; the exact answer sums all
+    # ranks. With rank-specific weights the two differ, so this test can tell.
+    sizes, trailing, seed = [2, 2], (3,), 3
+    res = worlds.run(2, dist_cases.gather_case, sizes, trailing, torch.float64, seed, True)
+    own_only = dist_cases.rank_weights(seed, 0, 4, trailing)[:2]
+    assert rel_err(res[0]["grad"], own_only) > 0.1
+
+
+@pytest.mark.parametrize("kind", ["shape", "dtype"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gather_mismatch_raises_on_every_rank(worlds: Worlds, kind: str, world_size: int) -> None:
+    res = worlds.run(world_size, dist_cases.gather_mismatch_case, kind)
+    for r, msg in enumerate(res):
+        assert msg.startswith("ValueError"), f"rank {r}: {msg}"
+        assert "disagree" in msg and "rank 1" in msg
+        assert f"follow-up all_reduce={float(world_size)}" in msg
+
+
+@pytest.mark.parametrize("mode", ["one", "sym", "unpaired", "ntxent"])
+def test_one_gather_forward_one_reduce_scatter_backward(worlds: Worlds, mode: str) -> None:
+    n, d = 6, 4
+    res = worlds.run(2, dist_cases.collectives_case, mode, n, d, 4)
+    for r in res:
+        fwd, bwd = r["forward"], r["backward"]
+        # Forward: a fixed-size metadata exchange, then one gather of the embeddings
+        # (both towers / views stacked into one buffer).
+        assert [name for name, _ in fwd] == ["all_gather_single", "all_gather_single"], fwd
+        assert fwd[0][1] < 64
+        # Backward: one reduce-scatter of the embedding gradients.
+        assert [name for name, _ in bwd] == ["reduce_scatter_single"], bwd
+        # Nothing of size N x M crosses the wire: at most 2 views x global rows x D.
+        pool_rows = 2 * (n + 1) * 2
+        assert max(numel for _, numel in fwd + bwd) <= pool_rows * d
+
+
+# -------------------------------------------------- the gradient convention (DDP)
+
+MODES = ["one", "sym", "unpaired", "paired", "ntxent"]
+# (chunk_size, temperature): the dense path; the chunked kernel with tiles that
+# divide nothing on its fixed-shift path (t <= 32); and on its online path (t = 50).
+KERNELS = [(None, 0.2), (2, 0.2), (3, 0.02)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk,temperature", KERNELS, ids=["dense", "chunk2", "chunk3-online"])
+def test_ddp_gradients_equal_single_process(
+    worlds: Worlds, world_size: int, mode: str, chunk: int | None, temperature: float
+) -> None:
+    sizes, neg_sizes = LAYOUTS[world_size]
+    seed = 11 + world_size
+    res = worlds.run(
+        world_size, dist_cases.ddp_case, mode, sizes, neg_sizes, chunk, temperature, seed
+    )
+
+    ref_model = dist_cases.make_model(mode, None, temperature, gather=False, seed=seed)
+    xq, xk, xn = dist_cases.make_data(mode, sizes, neg_sizes, seed)
+    ref_loss = ref_model(xq, xk, xn)
+    ref_loss.backward()
+    ref_grads = {name: p.grad for name, p in ref_model.named_parameters()}
+    assert "loss.logit_scale" in ref_grads
+
+    # The mean over ranks of the returned values is the global mean loss.
+    mean_loss = sum(r["loss"] for r in res) / world_size
+    assert abs(mean_loss - ref_loss.item()) <= 1e-12 * abs(ref_loss.item())
+    for rank, r in enumerate(res):
+        for name, ref in ref_grads.items():
+            err = rel_err(r["grads"][name], ref)
+            assert err <= 1e-10, f"rank {rank} {name}: rel err {err:.2e}"
