@@ -544,7 +544,7 @@ class InfoNCE(_TemperatureModule):
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={float(self.temperature):.4g}, learn_temperature={self.learn_temperature}, "
+            f"temperature={float(self.temperature.detach()):.4g}, learn_temperature={self.learn_temperature}, "
             f"reduction={self.reduction!r}, negative_mode={self.negative_mode!r}, "
             f"symmetric={self.symmetric}, chunk_size={self.chunk_size}, gather={self.gather}"
         )
@@ -588,6 +588,6 @@ class NTXent(_TemperatureModule):
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={float(self.temperature):.4g}, learn_temperature={self.learn_temperature}, "
+            f"temperature={float(self.temperature.detach()):.4g}, learn_temperature={self.learn_temperature}, "
             f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, gather={self.gather}"
         )
