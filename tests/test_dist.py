@@ -118,7 +118,7 @@ def test_ddp_gradients_equal_single_process(
     assert "loss.logit_scale" in ref_grads
 
     # The mean over ranks of the returned values is the global mean loss.
-    mean_loss = torch.tensor(sum(r["loss"] for r in res) / world_size)
+    mean_loss = torch.tensor(sum(r["loss"] for r in res) / world_size, dtype=torch.float64)
     assert record_error("DDP mean-over-ranks loss vs 1 process", mean_loss, ref_loss) <= 1e-12
     for rank, r in enumerate(res):
         for name, ref in ref_grads.items():
