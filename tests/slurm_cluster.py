@@ -8,8 +8,10 @@ by the PIDs recorded in the pid files (never by process name), also after a fail
 test. Without the binaries, or without root (``SlurmdUser=root`` launches jobs
 with setuid), the fixture skips with the reason.
 
-Use it from a test module with ``from tests.slurm_cluster import slurm_cluster``
-and a test argument of the same name, or call :func:`start_cluster` directly.
+Use it from a test module with
+``from tests.slurm_cluster import slurm_cluster_fixture  # noqa: F401`` and a test
+argument named ``slurm_cluster`` (the import registers the fixture; the different
+name keeps ruff's F811 quiet), or call :func:`start_cluster` directly.
 """
 
 from __future__ import annotations
@@ -481,13 +483,23 @@ def start_cluster(cpus: int = 2) -> Iterator[SlurmCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A running single-node Slurm 22.05 cluster (skips without the binaries or root)."""
+def skip_without_slurm() -> None:
+    """Skip the calling test when the binaries are missing or we are not root."""
     missing = missing_binaries()
     if missing:
         pytest.skip(f"Slurm/munge binaries not found: {', '.join(missing)} ({INSTALL_HINT})")
     if os.geteuid() != 0:
         pytest.skip("the test cluster runs slurmd as root (SlurmdUser=root); not root")
+
+
+@pytest.fixture(scope="session", name="slurm_cluster")
+def slurm_cluster_fixture() -> Iterator[SlurmCluster]:
+    """A running single-node Slurm 22.05 cluster (skips without the binaries or root).
+
+    Session-scoped: the cold start (about a second) is paid once, and the jobs of
+    different tests run one after another on the node's CPUs.
+    """
+    skip_without_slurm()
     with start_cluster() as cluster:
+        print(f"Slurm test cluster up in {cluster.startup_s:.2f} s ({cluster.root})")
         yield cluster
