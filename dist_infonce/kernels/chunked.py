@@ -38,10 +38,14 @@ def _mask_tile(s: torch.Tensor, mask_idx: torch.Tensor | None, j0: int) -> None:
     """Set S[r, mask_idx[r] - j0] = -inf for the rows whose masked column is in this tile."""
     if mask_idx is None:
         return
+    # gather / where / scatter rather than boolean indexing: no host sync per
+    # tile on CUDA. Rows whose masked column lies elsewhere write back their
+    # own value.
     local = mask_idx - j0
-    rows = ((local >= 0) & (local < s.shape[1])).nonzero().squeeze(1)
-    if rows.numel():
-        s[rows, local[rows]] = float("-inf")
+    inside = (local >= 0) & (local < s.shape[1])
+    col = local.clamp(0, s.shape[1] - 1)[:, None]
+    keep = s.gather(1, col)
+    s.scatter_(1, col, torch.where(inside[:, None], float("-inf"), keep))
 
 
 # exp(s - C) keeps full relative precision (no underflow to subnormals) while
