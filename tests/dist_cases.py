@@ -195,3 +195,18 @@ def ddp_case(
         "loss": loss.item(),
         "grads": {name: p.grad.detach().clone() for name, p in model.named_parameters()},
     }
+
+
+def subgroup_case(sizes: list[int], seed: int) -> dict[str, Any]:
+    """Ranks {0, 1} and {2, 3} gather within their own group (symmetric, chunked)."""
+    rank = dist.get_rank()
+    # new_group must be called by every rank, for every group, in the same order.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    xq, xk, _ = make_data("sym", sizes, [], seed)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    q = xq[rows].clone().requires_grad_()
+    k = xk[rows].clone().requires_grad_()
+    loss = info_nce(q, k, symmetric=True, gather=True, group=group, chunk_size=2)
+    loss.backward()
+    return {"loss": loss.item(), "dq": q.grad, "dk": k.grad}

@@ -8,6 +8,7 @@ import torch
 from tests import dist_cases
 from tests._world import Worlds
 from tests.conftest import record_error
+from tests.reference import ref_info_nce
 
 # World size -> uneven local batches (a rank with 0 rows included) and unpaired
 # negatives per rank.
@@ -124,3 +125,26 @@ def test_ddp_gradients_equal_single_process(
         for name, ref in ref_grads.items():
             err = record_error(f"DDP grads vs 1 process, {mode}", r["grads"][name], ref)
             assert err <= 1e-10, f"rank {rank} {name}: rel err {err:.2e}"
+
+
+def test_gather_within_a_subgroup(worlds: Worlds) -> None:
+    sizes, seed = [3, 2, 4, 1], 5
+    res = worlds.run(4, dist_cases.subgroup_case, sizes, seed)
+    xq, xk, _ = dist_cases.make_data("sym", sizes, [], seed)
+    for members in ([0, 1], [2, 3]):
+        lo, hi = sum(sizes[: members[0]]), sum(sizes[: members[-1] + 1])
+        q = xq[lo:hi].clone().requires_grad_()
+        k = xk[lo:hi].clone().requires_grad_()
+        ref = ref_info_nce(q, k, symmetric=True)
+        ref.backward()
+        # Each rank's loss is scaled by the group's size: the group mean is the loss.
+        mean = torch.tensor(sum(res[r]["loss"] for r in members) / 2, dtype=torch.float64)
+        assert record_error("subgroup gather vs 1 process", mean, ref) <= 1e-12
+        start = 0
+        for r in members:
+            n = sizes[r]
+            # Rank r's own gradient, times the group size (DDP would average it).
+            got = torch.cat([res[r]["dq"], res[r]["dk"]]) / 2
+            exp = torch.cat([q.grad[start : start + n], k.grad[start : start + n]])
+            assert record_error("subgroup gather vs 1 process", got, exp) <= 1e-10
+            start += n
