@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from dist_infonce.dist import gather_with_info, get_world_size, is_distributed
-from dist_infonce.kernels import DEFAULT_CHUNK, chunked_lse, compute_dtype, dense_lse
+from dist_infonce.kernels import DEFAULT_CHUNK, chunked_lse, compute_dtype, dense_lse, no_autocast
 
 __all__ = ["InfoNCE", "NTXent", "info_nce", "nt_xent"]
 
@@ -217,7 +217,7 @@ def _reduce(losses: torch.Tensor, reduction: str, global_rows: int, world: int) 
     return total * world
 
 
-def _info_nce(
+def _info_nce_body(
     query: torch.Tensor,
     positive_key: torch.Tensor,
     negative_keys: torch.Tensor | None,
@@ -280,7 +280,7 @@ def _info_nce(
     return _reduce(losses, reduction, global_rows, world)
 
 
-def _nt_xent(
+def _nt_xent_body(
     z1: torch.Tensor,
     z2: torch.Tensor,
     inv_temp: torch.Tensor,
@@ -308,6 +308,16 @@ def _nt_xent(
     own = torch.arange(offset, offset + n, device=z1.device)
     lse, _ = _lse(rows, pool, inv_temp, chunk_size, mask_idx=torch.cat([own, own + total]))
     return _reduce(lse - pos, reduction, 2 * total, world)
+
+
+def _info_nce(query: torch.Tensor, *args: object) -> torch.Tensor:
+    with no_autocast(query.device):
+        return _info_nce_body(query, *args)  # type: ignore[arg-type]
+
+
+def _nt_xent(z1: torch.Tensor, *args: object) -> torch.Tensor:
+    with no_autocast(z1.device):
+        return _nt_xent_body(z1, *args)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------- public API

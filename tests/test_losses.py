@@ -328,3 +328,23 @@ def test_normalize_false_uses_raw_dot_products() -> None:
         record_error("normalize=False", info_nce(q, k, temperature=0.5, normalize=False), ref)
         <= 1e-12
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_autocast_does_not_lower_the_loss_precision(mode: str, chunk: int | None) -> None:
+    # Under bf16 autocast (accelerate's mixed precision) a plain matmul would run in
+    # bf16 and round the logits to 3 significant digits. The loss opts out: its
+    # logits and log-sum-exps stay float32.
+    xs = make_inputs(mode, 40, 30, 16, torch.float32, 3)
+    t = torch.tensor(0.05, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(mode, xs, t, chunk_size=chunk)
+    # Backward outside autocast, as PyTorch recommends and accelerate does.
+    got = [out.detach(), *torch.autograd.grad(out, [*xs, t])]
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    t64 = t.detach().double().requires_grad_()
+    ref_out = reference(mode, x64, t64)
+    ref = [ref_out.detach(), *torch.autograd.grad(ref_out, [*x64, t64])]
+    for g, r in zip(got, ref, strict=True):
+        assert record_error("float32 under bf16 autocast vs float64", g, r) <= 1e-5

@@ -22,11 +22,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK", "chunked_lse", "compute_dtype", "dense_lse"]
+__all__ = ["DEFAULT_CHUNK", "chunked_lse", "compute_dtype", "dense_lse", "no_autocast"]
 
 # Tile edge used when the caller does not force one. Tuned with
 # `python -m dist_infonce.bench --tune-chunk` on the project machine.
 DEFAULT_CHUNK = 1024
+
+
+def no_autocast(device: torch.device) -> torch.autocast:
+    """Autocast off: under bf16/fp16 autocast a float32 matmul would run (and round
+    the logits) in half precision. Like autocast's own policy for cross_entropy,
+    the loss keeps its logits and log-sum-exps in float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -222,14 +229,15 @@ def dense_lse(
     Same contract as :func:`chunked_lse`; faster for small N * M, memory O(N * M).
     """
     dt = compute_dtype(a.dtype)
-    s = (a.to(dt) @ b.to(dt).T) * inv_temp
-    if mask_idx is not None:
-        keep = torch.arange(b.shape[0], device=a.device)[None, :] != mask_idx[:, None]
-        s = s.masked_fill(~keep, float("-inf"))
-    col_lse = torch.logsumexp(s, dim=0) if cols else None
-    if extra is not None:
-        s = torch.cat([extra.to(dt)[:, None], s], dim=1)
-    return torch.logsumexp(s, dim=1), col_lse
+    with no_autocast(a.device):
+        s = (a.to(dt) @ b.to(dt).T) * inv_temp
+        if mask_idx is not None:
+            keep = torch.arange(b.shape[0], device=a.device)[None, :] != mask_idx[:, None]
+            s = s.masked_fill(~keep, float("-inf"))
+        col_lse = torch.logsumexp(s, dim=0) if cols else None
+        if extra is not None:
+            s = torch.cat([extra.to(dt)[:, None], s], dim=1)
+        return torch.logsumexp(s, dim=1), col_lse
 
 
 class _ChunkedLSE(torch.autograd.Function):
@@ -245,17 +253,18 @@ class _ChunkedLSE(torch.autograd.Function):
         chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dt = compute_dtype(a.dtype)
-        t = inv_temp.detach().to(dt)
-        # Fold the temperature into A once (N x D) instead of scaling every tile.
-        at = a.detach().to(dt) * t
-        bf = b.detach().to(dt)
-        shift = _fixed_shift(at, bf)
-        if shift is not None:
-            lse, clse = _forward_shifted(at, bf, mask_idx, want_cols, chunk, shift)
-        else:
-            lse, clse = _forward_online(at, bf, mask_idx, want_cols, chunk)
-        if extra is not None:
-            lse = torch.logaddexp(lse, extra.detach().to(dt))
+        with no_autocast(a.device):
+            t = inv_temp.detach().to(dt)
+            # Fold the temperature into A once (N x D) instead of scaling every tile.
+            at = a.detach().to(dt) * t
+            bf = b.detach().to(dt)
+            shift = _fixed_shift(at, bf)
+            if shift is not None:
+                lse, clse = _forward_shifted(at, bf, mask_idx, want_cols, chunk, shift)
+            else:
+                lse, clse = _forward_online(at, bf, mask_idx, want_cols, chunk)
+            if extra is not None:
+                lse = torch.logaddexp(lse, extra.detach().to(dt))
         ctx.save_for_backward(a, b, inv_temp, extra, mask_idx, lse, clse)
         ctx.want_cols = want_cols
         ctx.chunk = chunk
@@ -267,6 +276,24 @@ class _ChunkedLSE(torch.autograd.Function):
         ctx, g_lse: torch.Tensor, g_clse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         a, b, inv_temp, extra, mask_idx, lse, clse = ctx.saved_tensors
+        with no_autocast(a.device):
+            return _ChunkedLSE._backward(
+                ctx, g_lse, g_clse, a, b, inv_temp, extra, mask_idx, lse, clse
+            )
+
+    @staticmethod
+    def _backward(
+        ctx,
+        g_lse: torch.Tensor,
+        g_clse: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        inv_temp: torch.Tensor,
+        extra: torch.Tensor | None,
+        mask_idx: torch.Tensor | None,
+        lse: torch.Tensor,
+        clse: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, ...]:
         chunk, want_cols = ctx.chunk, ctx.want_cols
         dt = lse.dtype
         t = inv_temp.detach().to(dt)
