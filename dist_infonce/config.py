@@ -1,0 +1,608 @@
+"""The trainer's configuration: typed dataclasses, YAML files and dotted overrides.
+
+Resolution order (dinov2 style): the defaults below (the *embedded default*: SimCLR
+on scikit-learn's digits) -> the YAML file given with ``--config`` -> ``key=value``
+overrides on the command line, applied in order. Every field carries a docstring;
+``python -m dist_infonce.train --help`` lists them.
+
+Values in YAML and in overrides are parsed as YAML scalars (``0.1``, ``true``,
+``null``, ``[a, b]``) and then checked against the field's type; an unknown key or
+a value of the wrong type raises :class:`ConfigError`, which names the key and the
+nearest valid one.
+
+The seed fields of the tutorial's config are accepted as top-level aliases
+(:data:`ALIASES`): ``batch_size`` -> ``train.batch_size``, ``learning_rate`` ->
+``train.lr``, ``embedding_dim`` -> ``model.embedding_dim``, ``negative_samples``
+-> ``loss.num_negatives``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib
+import inspect
+import itertools
+import math
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ALIASES",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "EvalConfig",
+    "LogConfig",
+    "LossConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "all_keys",
+    "field_docs",
+    "import_object",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration (unknown key, bad value, bad file)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    steps: int = 400
+    """Optimizer steps in total (a resumed run continues up to this number)."""
+    batch_size: int = 256
+    """Samples per rank per micro-step; the contrastive pool is batch_size x world_size."""
+    lr: float = 2e-3
+    """Peak learning rate (before the linear scaling rule, if ``scale_lr``)."""
+    scale_lr: bool = False
+    """Linear scaling rule: use ``lr x global_batch / 256`` as the peak learning rate."""
+    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    """adamw | sgd (momentum) | lars (SGD + layer-wise trust ratio, for large batches)."""
+    weight_decay: float = 1e-4
+    """Decoupled (adamw) or L2 (sgd, lars) weight decay; biases and norm weights are exempt."""
+    momentum: float = 0.9
+    """Momentum of sgd and lars (adamw uses betas (0.9, 0.999))."""
+    warmup_steps: int = 20
+    """Linear warm-up steps; a cosine decay to ``min_lr_ratio x lr`` follows."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of the peak."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step (accelerate's accumulation). Negatives are not
+    shared across micro-steps: the contrastive pool stays batch_size x world_size."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision through accelerate; on CPU use bf16 (fp16 needs CUDA)."""
+
+
+@dataclass
+class LossConfig:
+    """The contrastive loss (dist_infonce.losses)."""
+
+    kind: Literal["nt_xent", "info_nce", "clip"] = "nt_xent"
+    """nt_xent (SimCLR, 2N views) | info_nce (view 0 queries view 1) | clip (symmetric InfoNCE)."""
+    temperature: float = 0.2
+    """Softmax temperature (the initial value when ``learn_temperature``)."""
+    learn_temperature: bool = False
+    """Learn the temperature as CLIP's log-parametrised logit scale (clamped at 1/100)."""
+    chunk_size: int | None = None
+    """Tile edge of the chunked kernel; null lets the loss choose (dense when small)."""
+    gather: bool = True
+    """Pool the negatives of all ranks (the global batch); false uses local negatives only."""
+    num_negatives: int = 0
+    """Extra explicit negatives per rank for kind=info_nce, drawn from the data's view 1
+    and shared by all queries (pooled over ranks with ``gather``); 0 = in-batch only."""
+
+
+@dataclass
+class DataConfig:
+    """The training data (dist_infonce.data)."""
+
+    name: str = "digits"
+    """digits | synthetic_pairs | a user data set ``module:callable`` (see data.py)."""
+    seed: int = 0
+    """Fixes the data set itself (the digits split, the synthetic maps), not the batches."""
+    eval_fraction: float = 0.25
+    """digits: held-out share for the linear probe and kNN."""
+    noise: float = 0.08
+    """digits: noise std of the augmentation; synthetic_pairs: observation noise std."""
+    latent_dim: int = 16
+    """synthetic_pairs: dimension of the shared latent."""
+    dim_a: int = 64
+    """synthetic_pairs: dimension of modality A (view 0)."""
+    dim_b: int = 48
+    """synthetic_pairs: dimension of modality B (view 1)."""
+    num_eval: int = 1000
+    """synthetic_pairs: held-out pairs for retrieval recall@1."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to a user ``module:callable`` data set."""
+
+
+@dataclass
+class ModelConfig:
+    """The encoder(s) and projection head(s) (dist_infonce.models)."""
+
+    name: str = "digits_cnn"
+    """digits_cnn | mlp | two_tower | a user encoder ``module:callable`` (see models.py)."""
+    embedding_dim: int = 64
+    """Output dimension of the projection head: the vectors the loss compares."""
+    feature_dim: int = 128
+    """Encoder output dimension: the frozen features the evaluation uses."""
+    hidden_dim: int = 256
+    """Hidden width of the MLPs (encoders and heads)."""
+    depth: int = 2
+    """Linear layers of the MLP encoders (mlp, two_tower)."""
+    width: int = 32
+    """Channels of the first convolution of digits_cnn."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to a user ``module:callable`` encoder."""
+
+
+@dataclass
+class EvalConfig:
+    """The final evaluation (rank 0, frozen features)."""
+
+    enabled: bool = True
+    """Run the data set's evaluation after training (digits: linear probe + kNN)."""
+    knn_k: int = 5
+    """Neighbours of the digits kNN classifier."""
+    batch_size: int = 1024
+    """Samples per forward pass when embedding the evaluation sets."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints in ``output_dir/checkpoints``."""
+
+    every: int = 100
+    """Save every this many steps (and always at the last step); 0 saves only at the end."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
+    resume: bool = True
+    """Resume from the newest readable checkpoint in output_dir when there is one."""
+
+
+@dataclass
+class LogConfig:
+    """metrics.jsonl and the progress bar."""
+
+    every: int = 10
+    """Log every this many steps (and at the first and last step)."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (rank 0 only)."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto = $WANDB_MODE if set, else online when an API key is configured
+    (WANDB_API_KEY or ~/.netrc), else offline."""
+    project: str = "dist_infonce"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (user or team); null = the default of the API key."""
+    name: str | None = None
+    """Run name; null = the name of output_dir."""
+    group: str | None = None
+    """Run group (sweeps put their runs in one group)."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+
+
+@dataclass
+class DistConfig:
+    """Process group settings."""
+
+    timeout_s: float = 600.0
+    """Collective timeout: a rank that died makes the others fail after this, not hang."""
+
+
+@dataclass
+class Config:
+    """The whole run. Defaults are the embedded default: SimCLR on digits."""
+
+    output_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl and checkpoints/ go; re-using it resumes."""
+    seed: int = 0
+    """Seeds model init and every batch (batches are a function of seed, step and rank)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The contrastive loss."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The encoders."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The final evaluation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Process group."""
+
+
+#: Top-level aliases: the seed fields of the tutorial's config, and ``precision``.
+ALIASES: dict[str, str] = {
+    "batch_size": "train.batch_size",
+    "learning_rate": "train.lr",
+    "embedding_dim": "model.embedding_dim",
+    "negative_samples": "loss.num_negatives",
+    "temperature": "loss.temperature",
+    "precision": "train.precision",
+}
+
+
+# ----------------------------------------------------------------------- introspection
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted key, type)`` for every leaf field of a config dataclass."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, in declaration order."""
+    return [k for k, _ in _walk(Config)]
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """The docstring of every leaf field, by dotted key (read from the source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    out: dict[str, str] = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(field_docs(tp, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+        else:
+            out[f"{prefix}{f.name}"] = docs.get(f.name, "")
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as nested plain dicts (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text; loading it gives back the same config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# ------------------------------------------------------------------------ type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, raw: str | None) -> Any:
+    """Check ``value`` against the field type ``tp``; return the converted value.
+
+    ``raw`` is the override's text before YAML parsing: a string field keeps it
+    verbatim (``wandb.name=007`` stays ``"007"``).
+
+    Raises:
+        ConfigError: the value does not fit the type.
+    """
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            near = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{near}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg, raw)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if raw is not None:
+            return raw
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            # tags=a,b is friendlier than tags=[a,b] on a shell command line.
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(f"{key}[{i}]", v, item, None) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")  # a bug, not user error
+
+
+# ---------------------------------------------------------------------------- setting
+
+
+def _suggest(key: str, choices: Sequence[str]) -> str:
+    """``' (did you mean 'x'?)'`` for the nearest key, or ``''``."""
+    # Compare both the full dotted key and its last component: `train.lrr` and
+    # `lrr` should both find `train.lr`.
+    hit = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    if not hit:
+        tail = key.rsplit(".", 1)[-1]
+        by_tail: dict[str, str] = {}
+        for c in choices:
+            by_tail.setdefault(c.rsplit(".", 1)[-1], c)
+        near = difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.6)
+        hit = [by_tail[near[0]]] if near else []
+    return f" (did you mean {hit[0]!r}?)" if hit else ""
+
+
+def _set(cfg: Config, key: str, value: Any, raw: str | None, source: str) -> None:
+    """Set the dotted ``key`` of ``cfg``, resolving aliases and checking the type."""
+    key = key.strip()
+    key = ALIASES.get(key, key)
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            # Below a dict field (data.kwargs.foo=1): free-form keys.
+            if isinstance(obj, dict):
+                sub = obj
+                for p in parts[i:-1]:
+                    sub = sub.setdefault(p, {})
+                    if not isinstance(sub, dict):
+                        raise ConfigError(f"{source}: {key}: {p} is not a mapping")
+                sub[parts[-1]] = value
+                return
+            break
+        names = {f.name for f in dataclasses.fields(obj)}
+        if part not in names:
+            valid = all_keys() + list(ALIASES)
+            raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, valid)}")
+        tp = _hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                if isinstance(value, Mapping):
+                    _apply_mapping(cfg, value, source, prefix=f"{key}.")
+                    return
+                sub_keys = [k for k in all_keys() if k.startswith(key + ".")]
+                raise ConfigError(
+                    f"{source}: {key} is a section; set one of its keys, e.g. {sub_keys[0]}"
+                )
+            setattr(obj, part, _coerce(key, value, tp, raw))
+            return
+        obj = getattr(obj, part)
+    raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, all_keys())}")
+
+
+def _apply_mapping(cfg: Config, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{source}: keys must be strings, got {k!r}")
+        full = f"{prefix}{k}"
+        # A nested mapping addresses a section (train: {lr: ...}); a dict-typed field
+        # (data.kwargs) takes the mapping whole.
+        _set(cfg, full, v, None, source)
+
+
+def _parse_override(text: str) -> tuple[str, Any, str]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: a plain string (a path, a name)
+    return key.strip(), value, raw
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks that the types alone cannot express.
+
+    Raises:
+        ConfigError: naming the offending key.
+    """
+    t, lo = cfg.train, cfg.loss
+    _check(bool(cfg.output_dir.strip()), "output_dir", "must not be empty")
+    _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _check(
+        0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}"
+    )
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(
+        t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}"
+    )
+    _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
+    _check(
+        lo.chunk_size is None or lo.chunk_size > 0,
+        "loss.chunk_size",
+        f"must be > 0 or null, got {lo.chunk_size}",
+    )
+    _check(lo.num_negatives >= 0, "loss.num_negatives", f"must be >= 0, got {lo.num_negatives}")
+    _check(
+        lo.num_negatives == 0 or lo.kind == "info_nce",
+        "loss.num_negatives",
+        f"explicit negatives need loss.kind=info_nce (got {lo.kind}: in-batch negatives only)",
+    )
+    _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
+    _check(cfg.data.noise >= 0, "data.noise", f"must be >= 0, got {cfg.data.noise}")
+    for key in ("latent_dim", "dim_a", "dim_b", "num_eval"):
+        _check(getattr(cfg.data, key) > 0, f"data.{key}", "must be > 0")
+    for key in ("embedding_dim", "feature_dim", "hidden_dim", "depth", "width"):
+        _check(getattr(cfg.model, key) > 0, f"model.{key}", "must be > 0")
+    _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
+    _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.log.every >= 1, "log.every", f"must be >= 1, got {cfg.log.every}")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
+    for key, name in (("data.name", cfg.data.name), ("model.name", cfg.model.name)):
+        if ":" in name:
+            _check_import_path(key, name)
+
+
+def _check_import_path(key: str, path: str) -> None:
+    module, _, attr = path.partition(":")
+    _check(
+        bool(module)
+        and bool(attr)
+        and all(p.isidentifier() for p in module.split(".") + attr.split(".")),
+        key,
+        f"expected a built-in name or module:callable, got {path!r}",
+    )
+
+
+def import_object(path: str, key: str) -> Callable[..., Any]:
+    """Import ``module:attr`` (``attr`` may be dotted).
+
+    Raises:
+        ConfigError: the module or attribute does not exist, or is not callable.
+    """
+    if ":" not in path:
+        raise ConfigError(f"{key}: unknown built-in {path!r}; use module:callable for your own")
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module {module_name!r}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{key}: {path!r} is not callable")
+    return obj
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults -> YAML file -> ``key=value`` overrides, then validation.
+
+    Args:
+        path: YAML file (a mapping, possibly nested by section, aliases allowed), or None.
+        overrides: ``dotted.key=value`` strings, applied in order.
+
+    Returns:
+        The resolved :class:`Config`.
+
+    Raises:
+        ConfigError: missing/invalid file, unknown key, or bad value.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {str(p)!r}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"--config {p}: expected a mapping of keys, got {type(data).__name__}"
+            )
+        _apply_mapping(cfg, data, str(p))
+    for text in overrides:
+        key, value, raw = _parse_override(text)
+        _set(cfg, key, value, raw, "override")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,170 @@
+"""Built-in encoders for the trainer: a shared-encoder SimCLR model and a CLIP-style two-tower model.
+
+Every model the trainer uses maps a pair of views to a pair of embeddings,
+``forward(x0, x1) -> (z0, z1)``, and exposes ``embed(x, view)``: the frozen
+features the evaluation uses (the encoder output, before the projection head, as
+in SimCLR's linear evaluation).
+
+A user encoder is any ``module:callable`` taking ``(cfg: ModelConfig,
+input_shapes)`` (plus ``cfg.kwargs``). If it returns a :class:`PairModel`, that is
+used as is; any other ``nn.Module`` is treated as one encoder shared by both views
+and wrapped in :class:`SiameseModel` (with no extra head).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dist_infonce.config import ModelConfig
+
+__all__ = ["DigitsCNN", "PairModel", "SiameseModel", "TwoTowerModel", "build_model", "mlp"]
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, depth: int = 2) -> nn.Sequential:
+    """``depth`` linear layers with BatchNorm + ReLU between them (SimCLR's head style)."""
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(depth - 1):
+        layers += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 8x8 images: three 3x3 convolutions, one pooling, a linear layer.
+
+    Args:
+        feature_dim: output features per image.
+        width: channels of the first convolution (the others use 2x).
+
+    Shape:
+        x: (B, 1, 8, 8). Output: (B, feature_dim).
+    """
+
+    def __init__(self, feature_dim: int = 128, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4; position still matters for digits, so no global pool
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, feature_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PairModel(nn.Module):
+    """Base of the trainer's models: ``forward(x0, x1) -> (z0, z1)`` plus ``embed(x, view)``."""
+
+    def embed(self, x: torch.Tensor, view: int) -> torch.Tensor:
+        """Evaluation features of ``x`` for tower ``view`` (0 or 1)."""
+        raise NotImplementedError
+
+
+class SiameseModel(PairModel):
+    """One encoder and one projection head shared by both views (SimCLR).
+
+    Args:
+        encoder: (B, *input) -> (B, F) features.
+        head: (B, F) -> (B, D) projections the loss sees; identity if None.
+
+    Shape:
+        x0, x1: (B, *input). Output: two (B, D) tensors.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One pass over both views: half the kernel launches, and BatchNorm sees the
+        # 2B images NT-Xent compares with each other.
+        z = self.head(self.encoder(torch.cat([x0, x1])))
+        return z[: len(x0)], z[len(x0) :]
+
+    def embed(self, x: torch.Tensor, view: int) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class TwoTowerModel(PairModel):
+    """Separate encoder + projection per modality (CLIP).
+
+    Shape:
+        x0: (B, *input0); x1: (B, *input1). Output: two (B, D) tensors.
+    """
+
+    def __init__(
+        self, encoder0: nn.Module, head0: nn.Module, encoder1: nn.Module, head1: nn.Module
+    ) -> None:
+        super().__init__()
+        self.encoder0, self.head0 = encoder0, head0
+        self.encoder1, self.head1 = encoder1, head1
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head0(self.encoder0(x0)), self.head1(self.encoder1(x1))
+
+    def embed(self, x: torch.Tensor, view: int) -> torch.Tensor:
+        return self.encoder0(x) if view == 0 else self.encoder1(x)
+
+
+def build_model(
+    cfg: ModelConfig, input_shapes: tuple[tuple[int, ...], tuple[int, ...]]
+) -> PairModel:
+    """Build the model named by ``cfg.name``.
+
+    Built-ins:
+        ``digits_cnn``: :class:`DigitsCNN` encoder + 2-layer MLP head (SimCLR).
+        ``mlp``: a shared MLP encoder on flattened inputs + 2-layer MLP head; both
+        views must have the same number of elements.
+        ``two_tower``: one MLP encoder + head per view (inputs may differ).
+
+    Args:
+        cfg: the ``model`` section.
+        input_shapes: per-sample shapes of view 0 and view 1 (from the data).
+
+    Raises:
+        ValueError: ``mlp`` with views of different sizes, or a user callable that
+            does not return an ``nn.Module``.
+    """
+    d_in = [math.prod(s) for s in input_shapes]
+    proj = lambda: mlp(cfg.feature_dim, cfg.hidden_dim, cfg.embedding_dim)
+    if cfg.name == "digits_cnn":
+        return SiameseModel(DigitsCNN(cfg.feature_dim, cfg.width), proj())
+    if cfg.name == "mlp":
+        if d_in[0] != d_in[1]:
+            raise ValueError(
+                f"model.name=mlp shares one encoder, but the views have {d_in[0]} and "
+                f"{d_in[1]} elements; use model.name=two_tower"
+            )
+        enc = nn.Sequential(nn.Flatten(), mlp(d_in[0], cfg.hidden_dim, cfg.feature_dim, cfg.depth))
+        return SiameseModel(enc, proj())
+    if cfg.name == "two_tower":
+        towers = [
+            nn.Sequential(nn.Flatten(), mlp(d, cfg.hidden_dim, cfg.feature_dim, cfg.depth))
+            for d in d_in
+        ]
+        return TwoTowerModel(towers[0], proj(), towers[1], proj())
+    from dist_infonce.config import ConfigError, import_object
+
+    model = import_object(cfg.name, "model.name")(cfg, input_shapes, **cfg.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.name={cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model if isinstance(model, PairModel) else SiameseModel(model)
