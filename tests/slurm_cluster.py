@@ -194,14 +194,17 @@ class SlurmCluster:
         """
         start = time.monotonic()
         while True:
-            listed = self.run(["squeue", "-h", "-j", str(job_id)], check=False).stdout
-            if not listed.strip():
+            q = self.run(["squeue", "-h", "-j", str(job_id)], check=False)
+            # An empty listing is a finished job; "Invalid job id" one already purged.
+            # Any other error (controller busy or gone) is retried until the deadline.
+            if (q.returncode == 0 and not q.stdout.strip()) or "Invalid job id" in q.stderr:
                 break
             if time.monotonic() - start > timeout:
                 self.run(["scancel", str(job_id)], check=False)
                 raise SlurmJobTimeout(
-                    f"job {job_id} still in the queue after {timeout:.0f} s; cancelled.\n"
-                    f"{self.job_output(job_id)}"
+                    f"job {job_id} not finished after {timeout:.0f} s; cancelled. "
+                    f"squeue: rc={q.returncode} {q.stdout.strip()} {q.stderr.strip()}\n"
+                    f"{self.job_output(job_id)}\n{self.log_tails()}"
                 )
             time.sleep(POLL_S)
         elapsed = time.monotonic() - start
@@ -353,6 +356,30 @@ def _descendants(pids: Sequence[int]) -> list[int]:
     return found
 
 
+def cluster_processes(conf: Path, daemons: Sequence[int] = ()) -> list[int]:
+    """Return the PIDs of everything this cluster started, daemons excluded.
+
+    slurmd double-forks ``slurmstepd``, which is then a child of init, not of
+    slurmd; so job processes are found by the marker only this cluster sets: the
+    environment variable ``SLURM_CONF=<this cluster's slurm.conf>`` (a unique
+    temporary path), which slurmstepd and the jobs inherit. Their descendants and
+    the daemons' own (slurmscriptd) are added. This process is never listed.
+    """
+    marker = f"SLURM_CONF={conf}".encode()
+    marked: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ:
+            marked.append(int(entry.name))
+    found = set(marked) | set(_descendants([*marked, *daemons]))
+    return sorted(found - set(daemons) - {os.getpid()})
+
+
 def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
     """Wait until all ``pids`` have exited; return those still alive at the deadline."""
     deadline = time.monotonic() + timeout
@@ -384,8 +411,8 @@ def _stop(cluster: SlurmCluster) -> None:
                 ):
                     time.sleep(POLL_S)
     daemons = [p for p in (_read_pid(f) for f in cluster.pid_files) if p is not None]
-    # Collected before the daemons go: slurmstepd and job processes, slurmscriptd.
-    below = _descendants(daemons)
+    # Collected before the daemons go: slurmstepd, job processes, slurmscriptd.
+    below = cluster_processes(cluster.conf, daemons)
     # Reverse start order: slurmd, then slurmctld, then munged, which both need.
     _signal(list(reversed(daemons)), signal.SIGTERM)
     _signal(_wait_gone(daemons, STOP_TIMEOUT_S), signal.SIGKILL)

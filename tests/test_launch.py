@@ -27,7 +27,15 @@ import pytest
 from dist_infonce import sweep
 
 # The import registers the real-Slurm fixture `slurm_cluster` in this module.
-from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401
+from tests.slurm_cluster import (
+    SlurmCluster,
+    _alive,
+    _read_pid,
+    cluster_processes,
+    skip_without_slurm,
+    slurm_cluster_fixture,  # noqa: F401
+    start_cluster,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 #: The short run every launch test trains: the launch is under test, not the model.
@@ -171,6 +179,28 @@ def test_slurm_cluster_runs_steps_and_reports_exit_codes(slurm_cluster: SlurmClu
     res = slurm_cluster.wait(job, timeout=30)
     assert (res.state, res.exit_code) == ("FAILED", 3), res
     assert sorted(res.output.split()) == ["task=0/2", "task=1/2"], res.output
+
+
+def test_cluster_teardown_stops_daemons_and_running_jobs() -> None:
+    """Leaving start_cluster() with a job still running leaves no process behind."""
+    skip_without_slurm()
+    with start_cluster() as c:
+        script = c.root / "sleep.sh"
+        script.write_text("#!/bin/bash\nsrun sleep 300\n")
+        job = c.sbatch(script)
+        daemons = [pid for f in c.pid_files if (pid := _read_pid(f)) is not None]
+        assert len(daemons) == 3
+        # Wait for the whole job tree: slurmscriptd, 2 slurmstepd (batch and step 0),
+        # the script, srun (2 processes), sleep.
+        deadline = time.monotonic() + 30
+        while len(tree := cluster_processes(c.conf, daemons)) < 7:
+            assert time.monotonic() < deadline, (tree, c.run(["squeue"]).stdout)
+            time.sleep(0.1)
+        assert job > 0
+        tree += daemons
+        root = c.root
+    assert not [pid for pid in tree if _alive(pid)]
+    assert not root.exists()
 
 
 def test_sbatch_torchrun_two_processes(
