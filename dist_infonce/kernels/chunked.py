@@ -20,6 +20,8 @@ in float32 (float64 for float64 inputs), also for float16/bfloat16 inputs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 __all__ = ["DEFAULT_CHUNK", "chunked_lse", "compute_dtype", "dense_lse", "no_autocast"]
@@ -76,6 +78,24 @@ def _fixed_shift(at: torch.Tensor, b: torch.Tensor) -> float | None:
     return bound if 2.0 * bound <= _SHIFT_RANGE[at.dtype] else None
 
 
+def _tiles(
+    at: torch.Tensor, b: torch.Tensor, mask_idx: torch.Tensor | None, chunk: int
+) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """Yield ``(rows, cols, S[rows, cols])`` tile by tile, S = at @ b.T, masked entries -inf.
+
+    Each tile is a fresh (chunk, chunk) buffer the caller may overwrite in place.
+    """
+    for i0 in range(0, at.shape[0], chunk):
+        rows = slice(i0, i0 + chunk)
+        ai = at[rows]
+        mi = None if mask_idx is None else mask_idx[rows]
+        for j0 in range(0, b.shape[0], chunk):
+            cols = slice(j0, j0 + chunk)
+            s = ai @ b[cols].T
+            _mask_tile(s, mi, j0)
+            yield rows, cols, s
+
+
 def _forward_shifted(
     at: torch.Tensor,
     b: torch.Tensor,
@@ -84,19 +104,13 @@ def _forward_shifted(
     chunk: int,
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, m = at.shape[0], b.shape[0]
-    rsum = at.new_zeros(n)
-    csum = at.new_zeros(m if want_cols else 0)
-    for i0 in range(0, n, chunk):
-        ai = at[i0 : i0 + chunk]
-        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
-        for j0 in range(0, m, chunk):
-            e = ai @ b[j0 : j0 + chunk].T
-            _mask_tile(e, mi, j0)
-            e.sub_(shift).exp_()
-            rsum[i0 : i0 + chunk] += e.sum(1)
-            if want_cols:
-                csum[j0 : j0 + chunk] += e.sum(0)
+    rsum = at.new_zeros(at.shape[0])
+    csum = at.new_zeros(b.shape[0] if want_cols else 0)
+    for rows, cols, e in _tiles(at, b, mask_idx, chunk):
+        e.sub_(shift).exp_()
+        rsum[rows] += e.sum(1)
+        if want_cols:
+            csum[cols] += e.sum(0)
     return rsum.log_().add_(shift), csum.log_().add_(shift)
 
 
@@ -109,20 +123,12 @@ def _forward_online(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # General case: per-tile log-sum-exps (each with its own max) merged with
     # logaddexp, so no logit range is assumed.
-    n, m = at.shape[0], b.shape[0]
-    lse = at.new_full((n,), float("-inf"))
-    clse = at.new_full((m if want_cols else 0,), float("-inf"))
-    for i0 in range(0, n, chunk):
-        ai = at[i0 : i0 + chunk]
-        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
-        acc = lse[i0 : i0 + chunk]
-        for j0 in range(0, m, chunk):
-            s = ai @ b[j0 : j0 + chunk].T
-            _mask_tile(s, mi, j0)
-            if want_cols:
-                c = clse[j0 : j0 + chunk]
-                torch.logaddexp(c, torch.logsumexp(s, dim=0), out=c)
-            torch.logaddexp(acc, torch.logsumexp(s, dim=1), out=acc)
+    lse = at.new_full((at.shape[0],), float("-inf"))
+    clse = at.new_full((b.shape[0] if want_cols else 0,), float("-inf"))
+    for rows, cols, s in _tiles(at, b, mask_idx, chunk):
+        if want_cols:
+            torch.logaddexp(clse[cols], torch.logsumexp(s, dim=0), out=clse[cols])
+        torch.logaddexp(lse[rows], torch.logsumexp(s, dim=1), out=lse[rows])
     return lse, clse
 
 
@@ -141,7 +147,6 @@ def _backward_shifted(
 
     alpha_i = g_i * exp(C - lse_i) <= g_i * exp(2C) cannot overflow (lse_i >= -C).
     """
-    n, m = at.shape[0], b.shape[0]
     alpha = g_lse * (shift - lse).exp()
     u = torch.zeros_like(at)
     db = torch.zeros_like(b)
@@ -149,34 +154,16 @@ def _backward_shifted(
         # Rows only: alpha is constant along a row, so apply it to the (N, D)
         # results instead of the (N, M) tiles: no elementwise pass beyond exp.
         at_alpha = at * alpha[:, None]
-        for i0 in range(0, n, chunk):
-            ai = at_alpha[i0 : i0 + chunk]
-            ai_raw = at[i0 : i0 + chunk]
-            mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
-            ui = u[i0 : i0 + chunk]
-            for j0 in range(0, m, chunk):
-                bj = b[j0 : j0 + chunk]
-                e = ai_raw @ bj.T
-                _mask_tile(e, mi, j0)
-                e.sub_(shift).exp_()
-                ui.addmm_(e, bj)
-                db[j0 : j0 + chunk].addmm_(e.T, ai)
-        u.mul_(alpha[:, None])
-        return u, db
-    beta = g_clse * (shift - clse).exp()
-    for i0 in range(0, n, chunk):
-        ai = at[i0 : i0 + chunk]
-        al = alpha[i0 : i0 + chunk, None]
-        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
-        ui = u[i0 : i0 + chunk]
-        for j0 in range(0, m, chunk):
-            bj = b[j0 : j0 + chunk]
-            e = ai @ bj.T
-            _mask_tile(e, mi, j0)
+        for rows, cols, e in _tiles(at, b, mask_idx, chunk):
             e.sub_(shift).exp_()
-            g = e.mul_(al + beta[None, j0 : j0 + chunk])
-            ui.addmm_(g, bj)
-            db[j0 : j0 + chunk].addmm_(g.T, ai)
+            u[rows].addmm_(e, b[cols])
+            db[cols].addmm_(e.T, at_alpha[rows])
+        return u.mul_(alpha[:, None]), db
+    beta = g_clse * (shift - clse).exp()
+    for rows, cols, e in _tiles(at, b, mask_idx, chunk):
+        g = e.sub_(shift).exp_().mul_(alpha[rows, None] + beta[None, cols])
+        u[rows].addmm_(g, b[cols])
+        db[cols].addmm_(g.T, at[rows])
     return u, db
 
 
@@ -191,27 +178,16 @@ def _backward_online(
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(G @ B, G^T @ at)`` with G = g_i exp(S - lse_i) + g_j exp(S - clse_j)."""
-    n, m = at.shape[0], b.shape[0]
     u = torch.zeros_like(at)
     db = torch.zeros_like(b)
-    for i0 in range(0, n, chunk):
-        ai = at[i0 : i0 + chunk]
-        gi = g_lse[i0 : i0 + chunk, None]
-        li = lse[i0 : i0 + chunk, None]
-        mi = None if mask_idx is None else mask_idx[i0 : i0 + chunk]
-        ui = u[i0 : i0 + chunk]
-        for j0 in range(0, m, chunk):
-            bj = b[j0 : j0 + chunk]
-            s = ai @ bj.T
-            _mask_tile(s, mi, j0)
-            if g_clse is not None:
-                g = (s - clse[None, j0 : j0 + chunk]).exp_()
-                g.mul_(g_clse[None, j0 : j0 + chunk])
-                g.addcmul_(s.sub_(li).exp_(), gi)
-            else:
-                g = s.sub_(li).exp_().mul_(gi)
-            ui.addmm_(g, bj)
-            db[j0 : j0 + chunk].addmm_(g.T, ai)
+    for rows, cols, s in _tiles(at, b, mask_idx, chunk):
+        if g_clse is not None:
+            g = (s - clse[None, cols]).exp_().mul_(g_clse[None, cols])
+            g.addcmul_(s.sub_(lse[rows, None]).exp_(), g_lse[rows, None])
+        else:
+            g = s.sub_(lse[rows, None]).exp_().mul_(g_lse[rows, None])
+        u[rows].addmm_(g, b[cols])
+        db[cols].addmm_(g.T, at[rows])
     return u, db
 
 
