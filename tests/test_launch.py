@@ -349,60 +349,14 @@ def test_torchrun_wrapper_two_nodes_c10d(
 # ------------------------------------------------------------------------------ sweep
 
 
-def test_sweep_runs_grid_and_prints_summary(
+def test_sweep_runs_grid_reports_failure_and_prints_summary(
     config: str, run_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """A 2x1 grid: two runs in their own output_dir and W&B group, then the eval table."""
-    root = tmp_path / "sweep"
-    output = run(
-        [
-            sys.executable,
-            "-m",
-            "dist_infonce.sweep",
-            "--config",
-            config,
-            "--root",
-            str(root),
-            "--name",
-            "tiny",
-            "--timeout",
-            str(RUN_TIMEOUT_S),
-            "--grid",
-            "train.lr=0.05,0.2",
-            "loss.temperature=0.3",
-            "--",
-            *SHORT,
-        ],
-        run_env,
-        tmp_path / "sweep.log",
-        timeout=2 * RUN_TIMEOUT_S,
-    )
-    summary = json.loads((root / "summary.json").read_text())
-    assert [s["params"] for s in summary] == [
-        {"train.lr": "0.05", "loss.temperature": "0.3"},
-        {"train.lr": "0.2", "loss.temperature": "0.3"},
-    ]
-    dirs = {s["output_dir"] for s in summary}
-    assert len(dirs) == 2
-    for s in summary:
-        assert s["status"] == "ok", s
-        assert 0.0 <= s["evals"]["eval/linear_acc"] <= 1.0
-        assert 0.0 <= s["evals"]["eval/knn_acc"] <= 1.0
-        resolved = (Path(s["output_dir"]) / "config.yaml").read_text()
-        assert "group: tiny" in resolved, resolved
-        assert_world(Path(s["output_dir"]), 1)
-    # The printed table has one row per run with its eval values.
-    table = output.split("sweep tiny (")[-1]
-    assert "eval/linear_acc" in table and "eval/knn_acc" in table
-    for s in summary:
-        row = next(line for line in table.splitlines() if line.startswith(f"| {s['name']} "))
-        assert f"{s['evals']['eval/linear_acc']:.4g}" in row
+    """A 2x1 grid whose first run fails: the second still runs, in its own output_dir
+    and W&B group, the table shows its eval, and the sweep exits 1.
 
-
-def test_sweep_finishes_other_runs_and_fails_when_one_fails(
-    config: str, run_env: dict[str, str], tmp_path: Path
-) -> None:
-    """One run with a bad value fails; the sweep still runs the next one and exits 1."""
+    One sweep covers both paths because every run costs seconds of imports here.
+    """
     root = tmp_path / "sweep"
     cmd = [
         sys.executable,
@@ -412,10 +366,13 @@ def test_sweep_finishes_other_runs_and_fails_when_one_fails(
         config,
         "--root",
         str(root),
+        "--name",
+        "tiny",
         "--timeout",
         str(RUN_TIMEOUT_S),
         "--grid",
-        "train.lr=not_a_number,0.1",
+        "train.lr=not_a_number,0.05",
+        "loss.temperature=0.3",
         "--",
         *SHORT,
     ]
@@ -423,10 +380,32 @@ def test_sweep_finishes_other_runs_and_fails_when_one_fails(
         time.monotonic() + 2 * RUN_TIMEOUT_S
     )
     assert rc == 1, output[-6000:]
+    assert "1 of 2 run(s) failed" in output, output[-6000:]
     summary = json.loads((root / "summary.json").read_text())
-    assert [s["status"] for s in summary][1] == "ok", summary
-    assert summary[0]["status"].startswith("failed"), summary
-    assert "1 of 2 run(s) failed" in output
+    assert [s["params"] for s in summary] == [
+        {"train.lr": "not_a_number", "loss.temperature": "0.3"},
+        {"train.lr": "0.05", "loss.temperature": "0.3"},
+    ]
+    bad, good = summary
+    assert bad["status"].startswith("failed") and bad["returncode"] != 0, bad
+    assert "train.lr" in (root / "logs" / f"{bad['name']}.log").read_text()
+    assert good["status"] == "ok", good
+    assert bad["output_dir"] != good["output_dir"]
+    assert 0.0 <= good["evals"]["eval/linear_acc"] <= 1.0
+    assert 0.0 <= good["evals"]["eval/knn_acc"] <= 1.0
+    assert good["final"]["lr"] > 0.0 and good["final"]["step"] == 3
+    resolved = (Path(good["output_dir"]) / "config.yaml").read_text()
+    assert "group: tiny" in resolved and "lr: 0.05" in resolved, resolved
+    assert_world(Path(good["output_dir"]), 1)
+    # The printed table has one row per run, with the good run's eval values.
+    table = output.split("sweep tiny (")[-1]
+    assert "eval/linear_acc" in table and "eval/knn_acc" in table
+    rows = {
+        line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| 0")
+    }
+    assert set(rows) == {bad["name"], good["name"]}, table
+    assert f"{good['evals']['eval/linear_acc']:.4g}" in rows[good["name"]]
+    assert "failed" in rows[bad["name"]]
 
 
 def test_sweep_grid_helpers() -> None:
