@@ -352,8 +352,9 @@ def test_torchrun_wrapper_two_nodes_c10d(
 def test_sweep_runs_grid_reports_failure_and_prints_summary(
     config: str, run_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """A 2x1 grid whose first run fails: the second still runs, in its own output_dir
-    and W&B group, the table shows its eval, and the sweep exits 1.
+    """A 2x1 grid of 2-process torchrun runs whose first run fails: the second still
+    runs, in its own output_dir and W&B group, the table shows its eval, and the
+    sweep exits 1.
 
     One sweep covers both paths because every run costs seconds of imports here.
     """
@@ -368,6 +369,10 @@ def test_sweep_runs_grid_reports_failure_and_prints_summary(
         str(root),
         "--name",
         "tiny",
+        "--launcher",
+        "torchrun",
+        "--nproc",
+        "2",
         "--timeout",
         str(RUN_TIMEOUT_S),
         "--grid",
@@ -396,7 +401,7 @@ def test_sweep_runs_grid_reports_failure_and_prints_summary(
     assert good["final"]["lr"] > 0.0 and good["final"]["step"] == 3
     resolved = (Path(good["output_dir"]) / "config.yaml").read_text()
     assert "group: tiny" in resolved and "lr: 0.05" in resolved, resolved
-    assert_world(Path(good["output_dir"]), 1)
+    assert_world(Path(good["output_dir"]), 2)
     # The printed table has one row per run, with the good run's eval values.
     table = output.split("sweep tiny (")[-1]
     assert "eval/linear_acc" in table and "eval/knn_acc" in table
