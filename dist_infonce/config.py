@@ -373,6 +373,12 @@ def _coerce(key: str, value: Any, tp: Any, raw: str | None) -> Any:
             return int(value)
         raise bad
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 as a string; it is a float to a user.
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
         if not math.isfinite(value):

@@ -2,8 +2,9 @@
 
 Every model the trainer uses maps a pair of views to a pair of embeddings,
 ``forward(x0, x1) -> (z0, z1)``, and exposes ``embed(x, view)``: the frozen
-features the evaluation uses (the encoder output, before the projection head, as
-in SimCLR's linear evaluation).
+features the evaluation uses (SimCLR: the encoder output, before the projection
+head, as in SimCLR's linear evaluation; two towers: the joint embedding space that
+cross-modal retrieval needs).
 
 A user encoder is any ``module:callable`` taking ``(cfg: ModelConfig,
 input_shapes)`` (plus ``cfg.kwargs``). If it returns a :class:`PairModel`, that is
@@ -120,7 +121,11 @@ class TwoTowerModel(PairModel):
         return self.head0(self.encoder0(x0)), self.head1(self.encoder1(x1))
 
     def embed(self, x: torch.Tensor, view: int) -> torch.Tensor:
-        return self.encoder0(x) if view == 0 else self.encoder1(x)
+        # The joint space (after the heads): retrieval compares the two towers, and
+        # only the projections are trained to be comparable.
+        if view == 0:
+            return self.head0(self.encoder0(x))
+        return self.head1(self.encoder1(x))
 
 
 def build_model(

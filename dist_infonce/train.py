@@ -445,8 +445,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
         embed = _embed_fn(unwrapped.model, device, cfg.eval.batch_size, accelerator.autocast)
         t0 = time.perf_counter()
         results = evaluate(embed)
-        row = {"step": cfg.train.steps, **results, "eval_time_s": time.perf_counter() - t0}
-        row["peak_mem_mb"] = peak_memory_mb(device)
+        row = {"step": cfg.train.steps, **results, "eval/time_s": time.perf_counter() - t0}
+        row["eval/peak_mem_mb"] = peak_memory_mb(device)
         metrics.log(row)
         print(
             "eval: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()),
