@@ -391,7 +391,11 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     last_logged = start_step
     for step in range(start_step, cfg.train.steps):
         learner.train()
+        done = step + 1
+        log_now = done % cfg.log.every == 0 or done == 1 or done == cfg.train.steps
+        # lr and temperature as used by this step's forward/update (read before it).
         step_lr = optimizer.param_groups[0]["lr"]
+        step_temperature = unwrapped.temperature if log_now else math.nan
         loss_sum = torch.zeros((), device=device)
         grad_norm = None
         for micro in range(cfg.train.grad_accum_steps):
@@ -407,10 +411,9 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
         scheduler.step()
-        done = step + 1
         bar.update(1)
 
-        if done % cfg.log.every == 0 or done == 1 or done == cfg.train.steps:
+        if log_now:
             # Each rank's loss is its share of the global mean (sum * world / rows),
             # so the mean over ranks is the loss of the whole global batch.
             mean_loss = accelerator.reduce(loss_sum / cfg.train.grad_accum_steps, "mean")
@@ -419,7 +422,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
                 "step": done,
                 "loss": float(mean_loss),
                 "lr": step_lr,
-                "temperature": unwrapped.temperature,
+                "temperature": step_temperature,
                 "samples_per_s": (done - last_logged) * samples_per_step / (now - t_last),
                 "world_size": world,
                 "global_batch": samples_per_step,
