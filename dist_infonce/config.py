@@ -143,7 +143,7 @@ class ModelConfig:
     embedding_dim: int = 64
     """Output dimension of the projection head: the vectors the loss compares."""
     feature_dim: int = 128
-    """Encoder output dimension: the frozen features the evaluation uses."""
+    """Encoder output dimension (the frozen features of the digits linear probe and kNN)."""
     hidden_dim: int = 256
     """Hidden width of the MLPs (encoders and heads)."""
     depth: int = 2
@@ -612,3 +612,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         _set(cfg, key, value, raw, "override")
     validate(cfg)
     return cfg
+
+
+def reference_markdown() -> str:
+    """A Markdown table of every key, its default and its docstring (for the README)."""
+    defaults = to_dict(Config())
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, doc in field_docs().items():
+        value: Any = defaults
+        for part in key.split("."):
+            value = value[part]
+        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        escaped = doc.replace("|", "\\|")  # a literal | would end the cell
+        lines.append(f"| `{key}` | `{shown}` | {escaped} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
