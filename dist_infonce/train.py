@@ -39,6 +39,7 @@ from torch import nn
 from dist_infonce.checkpoint import (
     checkpoint_path,
     get_rng_state,
+    list_checkpoints,
     load_latest,
     prune,
     save_atomic,
@@ -238,7 +239,8 @@ class MetricsLog:
         self.wandb_run = wandb_run
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows past ``step`` (written by a run that died after its checkpoint).
+        """Drop rows past ``step`` (written by a run that died after its checkpoint)
+        and the eval rows of ``step`` itself (they are redone).
 
         A resumed run re-logs those steps; keeping one row per step makes the file
         the run's history, identical to an uninterrupted run's up to timings.
@@ -251,7 +253,11 @@ class MetricsLog:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by the kill
-            if isinstance(row, dict) and row.get("step", math.inf) <= step:
+            if not isinstance(row, dict):
+                continue
+            # An eval row of the resume step is redone too (a finished run re-run).
+            last = step if "loss" in row else step - 1
+            if row.get("step", math.inf) <= last:
                 keep.append(line + "\n")
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(keep))
@@ -326,6 +332,12 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     if is_main:
+        if not cfg.checkpoint.resume and list_checkpoints(ckpt_dir):
+            # A fresh run must not mix its checkpoints with an older run's (keep-last-K
+            # and a later resume go by step number); move them aside, never delete.
+            aside = out / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            ckpt_dir.rename(aside)
+            print(f"checkpoint.resume=false: moved old checkpoints to {aside}", file=sys.stderr)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
 

@@ -421,6 +421,13 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path) -> None:
 
     assert torch.load(newest, weights_only=True)["step"] == 30
     assert "eval/linear_acc" in read_rows(out)[-1]
+    assert sum("eval/linear_acc" in r for r in read_rows(out)) == 1
+
+    # The same command once more: nothing left to train, one eval row still.
+    proc = run(cmd, env)
+    assert "step_00000030.pt (step 30)" in proc.stderr
+    assert train_rows(out) == again
+    assert sum("eval/linear_acc" in r for r in read_rows(out)) == 1
 
 
 # --------------------------------------------------------------------- srun-style env
