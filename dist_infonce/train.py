@@ -338,8 +338,11 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
             aside = out / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             ckpt_dir.rename(aside)
             print(f"checkpoint.resume=false: moved old checkpoints to {aside}", file=sys.stderr)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+        except OSError as e:
+            raise ConfigError(f"output_dir: cannot write to {str(out)!r}: {e.strerror}") from None
 
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
     set_seed(cfg.seed)
@@ -376,8 +379,15 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
         if len(rngs) == world:
             set_rng_state(rngs[rank])
         else:
-            # A different world size: batches stay exact (they depend on the rank),
-            # only dropout-style randomness gets a fresh per-rank seed.
+            # A different world size: the run continues, but not as the old world
+            # would have (other ranks, other batches); per-rank RNGs are reseeded.
+            if is_main:
+                print(
+                    f"warning: checkpoint was written by {len(rngs)} process(es), this run has "
+                    f"{world}; continuing with fresh per-rank RNG streams",
+                    file=sys.stderr,
+                    flush=True,
+                )
             torch.manual_seed(cfg.seed + 1_000_003 * (start_step + 1) + rank)
     else:
         set_seed(cfg.seed + rank)  # per-rank streams for anything stochastic in the model

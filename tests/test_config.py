@@ -215,6 +215,12 @@ def test_cli_user_errors_exit_fast_without_traceback(tmp_path: Path) -> None:
     assert "model.name: cannot import module 'no_such_module'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc, _ = _cli(f"output_dir={blocker / 'run'}", "log.progress=false")
+    assert proc.returncode == 2 and "output_dir: cannot write to" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
 
 def test_cli_help_lists_every_key() -> None:
     proc, _ = _cli("--help")
