@@ -236,7 +236,8 @@ def run_config(cfg: Config) -> dict[str, Any]:
 
     Returns:
         ``time_s`` (median), ``times_s``, ``warmup_s``, ``repeats_used``,
-        ``extra_mib`` and ``loss`` (the warm-up's loss value).
+        ``extra_mib``, ``loss`` (the warm-up's loss value) and ``rate_gflops`` (the
+        matmul rate measured in this process just after the timed passes).
     """
     fn = _loss_fn(cfg)
     # Start the BLAS / OpenMP thread pools (and the CUDA context) before the
@@ -271,7 +272,12 @@ def run_config(cfg: Config) -> dict[str, Any]:
         # Long passes (B = 131072 takes minutes on a CPU) get fewer repeats.
         repeats = min(cfg.repeats, max(1, int((cfg.budget_s - warmup_s) // warmup_s)))
     times = [step()[0] for _ in range(repeats)]
+    # The matmul rate this process gets right now (after the memory reading: the
+    # probe's buffers would raise the RSS high-water mark). On a shared machine
+    # it tracks the contention the timed passes saw.
+    rate = measure_matmul_rate(cfg.dim, cfg.dtype, cfg.device, runs=5)
     return {
+        "rate_gflops": rate,
         "time_s": statistics.median(times),
         "times_s": times,
         "warmup_s": warmup_s,
@@ -515,9 +521,33 @@ def _progress(i: int, n: int, row: dict[str, Any]) -> str:
         return f"{head} {row['status']} ({row['reason']})"
     return (
         f"{head} {row['time_s']:.3f} s, {row['extra_mib']:.1f} MiB, "
-        f"floor {row['floor_fraction']:.2f}, loss {row['loss']:.6f}, "
+        f"floor {row['floor_fraction_now']:.2f} at {row['rate_gflops']:.0f} GFLOP/s now, "
+        f"loss {row['loss']:.6f}, "
         f"{row['repeats_used']} repeats, load {row['load_before'][:1]}"
     )
+
+
+def _flops(cfg: Config) -> float:
+    """Flops of the 4-matmul floor: 4 x 2*N*M*D with N = M = B (also symmetric)."""
+    return 4 * 2.0 * cfg.batch * cfg.batch * cfg.dim
+
+
+def _add_floors(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
+    """Floor time and fraction of every row at the best matmul rate of the run.
+
+    The machine's rate is the best of the start-up probe and every worker's
+    probe: other jobs only ever slow a probe down, so the best is the closest to
+    what the hardware does, and every row is judged against the same number.
+    """
+    best = machine["matmul_gflops"]
+    for r in rows:
+        if r.get("rate_gflops"):
+            best[str(r["D"])] = max(best[str(r["D"])], r["rate_gflops"])
+    for r in rows:
+        cfg = Config(**r["config"])
+        r["floor_s"] = _flops(cfg) / (best[str(cfg.dim)] * 1e9)
+        if r["status"] == "ok":
+            r["floor_fraction"] = r["floor_s"] / r["time_s"]
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -535,8 +565,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the rows, ordered by D, B, mode, method."""
     order = {m: i for i, m in enumerate(METHODS)}
     lines = [
-        "| B | D | mode | method | time s | extra MiB | floor fraction | speedup vs dense | note |",
-        "|---:|---:|:---|:---|---:|---:|---:|---:|:---|",
+        "| B | D | mode | method | time s | extra MiB | floor fraction | speedup vs dense "
+        "| GFLOP/s now | load | note |",
+        "|---:|---:|:---|:---|---:|---:|---:|---:|---:|---:|:---|",
     ]
     key = lambda r: (r["D"], r["B"], r["mode"], order[r["method"]], r["chunk"] or 0)
     for r in sorted(rows, key=key):
@@ -549,7 +580,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_fmt(r.get('time_s') if ok else None, '.3g')} | "
             f"{_fmt(r.get('extra_mib') if ok else None, '.1f')} | "
             f"{_fmt(r.get('floor_fraction') if ok else None, '.2f')} | "
-            f"{_fmt(r.get('speedup_vs_dense'), '.2f')} | {note} |"
+            f"{_fmt(r.get('speedup_vs_dense'), '.2f')} | "
+            f"{_fmt(r.get('rate_gflops') if ok else None, '.0f')} | "
+            f"{_fmt((r.get('load_before') or [None])[0], '.1f')} | {note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -678,8 +711,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = _row(cfg)
         # Other jobs on the machine distort timings; keep the load next to each row.
         row["load_before"] = _load()
-        rate = machine["matmul_gflops"][str(cfg.dim)] * 1e9
-        row["floor_s"] = 4 * 2.0 * cfg.batch * cfg.batch * cfg.dim / rate
         est = dense_estimate_gib(cfg)
         row["est_dense_gib"] = est
         missing = peer_missing(cfg.method)
@@ -696,10 +727,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row.update(status="failed", reason=why)
             else:
                 row.update(result)
-                row["floor_fraction"] = row["floor_s"] / row["time_s"]
+                # Relative to the rate this worker got; the run-wide fraction
+                # is set once every probe is in (_add_floors).
+                row["floor_fraction_now"] = _flops(cfg) / (row["rate_gflops"] * 1e9) / row["time_s"]
         rows.append(row)
         print(_progress(i, len(grid), row), flush=True)
     _add_speedups(rows)
+    _add_floors(rows, machine)
     machine["load_after"] = _load()
     args.out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
