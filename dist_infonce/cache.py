@@ -106,8 +106,6 @@ def _as_inputs(name: str, inputs: object) -> tuple[torch.Tensor, ...]:
         )
     if len(set(rows)) > 1:
         raise ValueError(f"{name}: all tensors must have the same first dimension B, got {rows}")
-    if rows[0] == 0:
-        raise ValueError(f"{name} is an empty batch (B = 0); cached_backward needs B >= 1")
     return tuple(xs)
 
 
@@ -362,7 +360,10 @@ def cached_backward(
     """
     micro = _check_micro_batch_size(micro_batch_size)
     towers = _towers(model, inputs)
-    _agree_nonempty(towers)
+    _agree_nonempty(towers)  # first: a rank that raised alone would leave the others waiting
+    for t in towers:
+        if t.inputs[0].shape[0] == 0:
+            raise ValueError(f"{t.name} is an empty batch (B = 0); cached_backward needs B >= 1")
     # DDP towers last: a plain callable sharing their parameters (the trainer's
     # explicit negatives go through the DDP model's inner module) must finish its
     # backward before the synced one that all-reduces them. Pass 1 and pass 2 keep
