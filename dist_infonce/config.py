@@ -89,6 +89,10 @@ class TrainConfig:
     shared across micro-steps: the contrastive pool stays batch_size x world_size."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision through accelerate; on CPU use bf16 (fp16 needs CUDA)."""
+    micro_batch_size: int | None = None
+    """Rows per encoder pass (gradient caching, dist_infonce.cache): the loss still sees
+    batch_size x world_size rows, the encoder holds activations of this many; null =
+    the whole per-rank batch in one pass. BatchNorm then normalises per micro-batch."""
 
 
 @dataclass
@@ -512,6 +516,17 @@ def validate(cfg: Config) -> None:
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
     _check(
         t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}"
+    )
+    _check(
+        t.micro_batch_size is None or t.micro_batch_size >= 1,
+        "train.micro_batch_size",
+        f"must be >= 1 or null, got {t.micro_batch_size}",
+    )
+    _check(
+        t.micro_batch_size is None or t.grad_accum_steps == 1,
+        "train.micro_batch_size",
+        "replaces train.grad_accum_steps (the cache shares negatives across its micro-batches, "
+        f"accumulation does not); set train.grad_accum_steps=1, got {t.grad_accum_steps}",
     )
     _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
     _check(

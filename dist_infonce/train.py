@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_infonce.cache import cached_backward
 from dist_infonce.checkpoint import (
     checkpoint_path,
     get_rng_state,
@@ -110,6 +111,30 @@ class Learner(nn.Module):
     def temperature(self) -> float:
         """The current temperature (learnable or fixed)."""
         return float(self.loss_fn.temperature.detach())
+
+    def cached_backward(
+        self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, micro: int, accelerator: Any
+    ) -> torch.Tensor:
+        """The backward of ``forward(x0, x1)`` with the encoders run ``micro`` rows at a
+        time (:func:`dist_infonce.cache.cached_backward`); returns the detached loss.
+
+        ``model`` is ``self.model`` as prepared (DDP under several processes); the loss
+        module stays outside DDP, and cached_backward averages its gradient. Explicit
+        negatives (the rows of ``x1`` past ``len(x0)``) are a second tower through
+        :meth:`PairModel.encode`, under the same autocast as the prepared forward.
+        """
+        n = len(x0)
+        towers: list[Any] = [model]
+        inputs: list[Any] = [(x0, x1[:n])]
+        if len(x1) > n:
+
+            def negatives(x: torch.Tensor) -> torch.Tensor:
+                with accelerator.autocast():
+                    return self.model.encode(x, 1)
+
+            towers.append(negatives)
+            inputs.append(x1[n:])
+        return cached_backward(towers, self.loss_fn, inputs, micro, scaler=accelerator.scaler)
 
 
 # -------------------------------------------------------------------- process setup
@@ -349,6 +374,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     data = build_data(cfg.data, knn_k=cfg.eval.knn_k)
     model = build_model(cfg.model, data.input_shapes)
     learner = Learner(model, build_loss(cfg.loss), cfg.loss.kind)
+    if cfg.train.micro_batch_size is not None and cfg.loss.num_negatives:
+        _check_encode(model)
     lr = peak_lr(cfg.train, world)
     optimizer = build_optimizer(learner, cfg.train, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
@@ -370,7 +397,15 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
         if is_main:
             print(f"resuming from {found[0]} (step {start_step})", file=sys.stderr, flush=True)
 
-    learner, optimizer = accelerator.prepare(learner, optimizer)
+    micro_batch = cfg.train.micro_batch_size
+    if micro_batch is None:
+        learner, optimizer = accelerator.prepare(learner, optimizer)
+        encoder: nn.Module = learner
+    else:
+        # Gradient caching: DDP wraps the encoders only; the loss module runs once per
+        # step outside it (cached_backward averages a learnable temperature's gradient).
+        learner.to(accelerator.device)
+        encoder, optimizer = accelerator.prepare(learner.model, optimizer)
     device = accelerator.device
     if state is not None:
         if accelerator.scaler is not None and state.get("scaler"):
@@ -422,12 +457,16 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
         grad_norm = None
         for micro in range(cfg.train.grad_accum_steps):
             x0, x1 = _sample(data, cfg, step, rank, micro)
-            with accelerator.accumulate(learner):
-                loss = learner(x0.to(device), x1.to(device))
-                accelerator.backward(loss)
+            x0, x1 = x0.to(device), x1.to(device)
+            with accelerator.accumulate(encoder):
+                if micro_batch is None:
+                    loss = learner(x0, x1)
+                    accelerator.backward(loss)
+                else:
+                    loss = unwrapped.cached_backward(encoder, x0, x1, micro_batch, accelerator)
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(
-                        learner.parameters(), cfg.train.grad_clip
+                        unwrapped.parameters(), cfg.train.grad_clip
                     )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -448,6 +487,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
                 "samples_per_s": (done - last_logged) * samples_per_step / (now - t_last),
                 "world_size": world,
                 "global_batch": samples_per_step,
+                "micro_batch_size": micro_batch or cfg.train.batch_size,
                 "peak_mem_mb": peak_memory_mb(device),
                 "time_s": now - t_start,
             }
@@ -484,6 +524,15 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     # Ranks > 0 wait here while rank 0 evaluates (bounded by dist.timeout_s).
     accelerator.wait_for_everyone()
     return results
+
+
+def _check_encode(model: PairModel) -> None:
+    """Explicit negatives under gradient caching need ``PairModel.encode``."""
+    if type(model).encode is PairModel.encode:
+        raise ConfigError(
+            f"train.micro_batch_size with loss.num_negatives needs {type(model).__name__}"
+            ".encode(x, view) (the projection of one view; see PairModel)"
+        )
 
 
 def _save(
