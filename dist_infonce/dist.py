@@ -23,6 +23,8 @@ from torch.distributed import ProcessGroup
 __all__ = [
     "GatherLayer",
     "all_gather_with_grad",
+    "all_reduce_logsumexp",
+    "gather_labels",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -284,3 +286,75 @@ def all_gather_with_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> 
             not float32, float64, bfloat16 or float16.
     """
     return gather_with_info(x, group)[0]
+
+
+def gather_labels(labels: torch.Tensor, info: GatherInfo) -> torch.Tensor:
+    """All-gather integer labels (no gradient) with the row layout of ``info``.
+
+    ``info`` comes from the gather of the rows these labels belong to, so no second
+    size exchange is needed: one all_gather of the (padded) labels.
+
+    Args:
+        labels: this rank's labels. Shape: (info.sizes[info.rank],), any integer dtype.
+        info: from :func:`gather_with_info` of the rows.
+
+    Returns:
+        The labels of every rank in rank order. Shape: (info.total,).
+    """
+    if len(info.sizes) == 1:
+        return labels
+    device = _comm_device(labels, info.group)
+    return _gather_forward(labels.to(device), info).to(labels.device)
+
+
+class _AllReduceLSE(torch.autograd.Function):
+    """log(sum over ranks of exp(x_r)), elementwise, with its exact gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        device = _comm_device(x, group)
+        xd = x.detach().to(device)
+        # Two all-reduces (max, then the shifted sums): no assumption on the range
+        # of x, so no overflow and no underflow of the dominant terms.
+        m = xd.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = (xd - m).exp()
+        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+        out = (s.log() + m).to(x.device)
+        ctx.group = group
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        x, out = ctx.saved_tensors
+        # out_j depends on every rank's x_j, and every rank's loss may use out_j:
+        # rank r's gradient is exp(x_rj - out_j) * (sum over ranks of grad_j).
+        device = _comm_device(x, ctx.group)
+        g = grad.detach().to(device=device, dtype=x.dtype).contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        weight = torch.where(torch.isneginf(x), torch.zeros_like(x), (x - out).exp())
+        return g.to(x.device) * weight, None
+
+
+def all_reduce_logsumexp(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """``log(sum_r exp(x_r))`` over the ranks of ``group``, elementwise, differentiable.
+
+    Combines per-rank partial log-sum-exps (e.g. the column statistics of one block
+    row of a similarity matrix) into the global ones. Forward: two all-reduces of
+    ``x.numel()`` numbers; backward: one. Every rank must call it with the same
+    shape and use the result in its loss (the backward is a collective).
+
+    Args:
+        x: this rank's partial log-sum-exps (``-inf`` for an empty part). Shape: any,
+            equal on every rank.
+        group: process group; default the world.
+
+    Returns:
+        The combined log-sum-exps, same shape and dtype as ``x``. At world size 1,
+        ``x`` itself.
+    """
+    if not is_distributed(group):
+        return x
+    return _AllReduceLSE.apply(x, group)
