@@ -95,19 +95,24 @@ def _count_collectives() -> Iterator[list[tuple[str, int]]]:
             setattr(dist, n, fn)
 
 
-def collectives_case(mode: str, n: int, d: int, chunk: int | None) -> dict[str, Any]:
+def collectives_case(
+    mode: str, n: int, d: int, chunk: int | None, labeled: bool = False
+) -> dict[str, Any]:
     """Collectives issued by one forward and one backward with gather=True."""
     torch.manual_seed(dist.get_rank())
     q = torch.randn(n, d, requires_grad=True)
     k = torch.randn(n, d, requires_grad=True)
     neg = torch.randn(n + 1, d, requires_grad=True) if mode == "unpaired" else None
+    labels = torch.randint(0, 3, (n,)) if labeled else None
     with _count_collectives() as fwd:
         if mode == "ntxent":
             from dist_infonce import nt_xent
 
-            loss = nt_xent(q, k, gather=True, chunk_size=chunk)
+            loss = nt_xent(q, k, gather=True, chunk_size=chunk, labels=labels)
         else:
-            loss = info_nce(q, k, neg, symmetric=mode == "sym", gather=True, chunk_size=chunk)
+            loss = info_nce(
+                q, k, neg, symmetric=mode == "sym", gather=True, chunk_size=chunk, labels=labels
+            )
     with _count_collectives() as bwd:
         loss.backward()
     return {"forward": list(fwd), "backward": list(bwd)}
@@ -129,11 +134,17 @@ class Towers(nn.Module):
             self.k = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D_EMB))
         self.loss = loss
 
-    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xn: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xn: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.mode == "ntxent":
-            return self.loss(self.q(xq), self.q(xk))  # one encoder, two views
+            return self.loss(self.q(xq), self.q(xk), labels=labels)  # one encoder, two views
         neg = None if xn is None else self.k(xn)
-        return self.loss(self.q(xq), self.k(xk), neg)
+        return self.loss(self.q(xq), self.k(xk), neg, labels=labels)
 
 
 def make_model(mode: str, chunk: int | None, temperature: float, gather: bool, seed: int) -> Towers:
@@ -171,6 +182,13 @@ def make_data(
     return xq, xk, xn
 
 
+def make_labels(sizes: list[int], seed: int) -> torch.Tensor:
+    """Global labels: few classes, int64 values only exact comparison tells apart."""
+    classes = torch.tensor([2**62, 2**62 + 1, -(2**63), 2**63 - 1], dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed + 2)
+    return classes[torch.randint(0, len(classes), (sum(sizes),), generator=g)]
+
+
 def ddp_case(
     mode: str,
     sizes: list[int],
@@ -178,18 +196,20 @@ def ddp_case(
     chunk: int | None,
     temperature: float,
     seed: int,
+    labeled: bool = False,
 ) -> dict[str, Any]:
     """One DDP step on this rank's slice; return the loss and the averaged gradients."""
     rank = dist.get_rank()
     xq, xk, xn = make_data(mode, sizes, neg_sizes, seed)
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    labels = make_labels(sizes, seed)[rows] if labeled else None
     if mode == "unpaired":
         xn = xn[sum(neg_sizes[:rank]) : sum(neg_sizes[: rank + 1])]
     elif mode == "paired":
         xn = xn[rows]
     model = make_model(mode, chunk, temperature, gather=True, seed=seed)
     ddp = DistributedDataParallel(model)
-    loss = ddp(xq[rows], xk[rows], xn)
+    loss = ddp(xq[rows], xk[rows], xn, labels)
     loss.backward()
     return {
         "loss": loss.item(),

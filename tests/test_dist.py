@@ -74,7 +74,7 @@ def test_gather_mismatch_raises_on_every_rank(worlds: Worlds, kind: str, world_s
         assert f"follow-up all_reduce={float(world_size)}" in msg
 
 
-@pytest.mark.parametrize("mode", ["one", "sym", "unpaired", "ntxent"])
+@pytest.mark.parametrize("mode", ["one", "unpaired", "ntxent"])
 def test_one_gather_forward_one_reduce_scatter_backward(worlds: Worlds, mode: str) -> None:
     n, d = 6, 4
     res = worlds.run(2, dist_cases.collectives_case, mode, n, d, 4)
@@ -89,6 +89,45 @@ def test_one_gather_forward_one_reduce_scatter_backward(worlds: Worlds, mode: st
         # Nothing of size N x M crosses the wire: at most 2 views x global rows x D.
         pool_rows = 2 * (n + 1) * 2
         assert max(numel for _, numel in fwd + bwd) <= pool_rows * d
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gathered_symmetric_sends_one_tower_and_column_statistics(
+    worlds: Worlds, world_size: int
+) -> None:
+    n, d = 6, 4
+    res = worlds.run(world_size, dist_cases.collectives_case, "sym", n, d, 4)
+    pool = world_size * n
+    for r in res:
+        # Forward: metadata, the key tower only (pool x D, half of both towers), then
+        # the column log-sum-exps completed by two all-reduces of pool numbers
+        # (max, then shifted sums).
+        assert r["forward"] == [
+            ("all_gather_single", r["forward"][0][1]),
+            ("all_gather_single", pool * d),
+            ("all_reduce", pool),
+            ("all_reduce", pool),
+        ], r["forward"]
+        assert r["forward"][0][1] < 64
+        # Backward: the column gradient coefficients (pool numbers), then the usual
+        # reduce-scatter of the key gradients (pool x D).
+        assert r["backward"] == [("all_reduce", pool), ("reduce_scatter_single", pool * d)]
+
+
+@pytest.mark.parametrize("mode", ["one", "sym", "ntxent"])
+def test_labels_add_one_gather_of_the_labels(worlds: Worlds, mode: str) -> None:
+    n, d = 5, 4
+    plain = worlds.run(2, dist_cases.collectives_case, mode, n, d, 4)
+    labeled = worlds.run(2, dist_cases.collectives_case, mode, n, d, 4, True)
+    for p, r in zip(plain, labeled, strict=True):
+        towers = 2 if mode != "one" else 1  # symmetric: the query sums need the queries
+        gathers = [c for c in r["forward"] if c[0] == "all_gather_single"]
+        # metadata, the embeddings (pool x towers x D), the int64 labels (pool).
+        assert [c[1] for c in gathers[1:]] == [2 * n * towers * d, 2 * n], r["forward"]
+        others = [c for c in r["forward"] if c[0] != "all_gather_single"]
+        assert others == [c for c in p["forward"] if c[0] != "all_gather_single"]
+        assert [c[0] for c in r["backward"]] == [c[0] for c in p["backward"]]
+        assert max(c[1] for c in r["forward"] + r["backward"]) <= 2 * n * 2 * d
 
 
 # -------------------------------------------------- the gradient convention (DDP)
@@ -124,6 +163,31 @@ def test_ddp_gradients_equal_single_process(
     for rank, r in enumerate(res):
         for name, ref in ref_grads.items():
             err = record_error(f"DDP grads vs 1 process, {mode}", r["grads"][name], ref)
+            assert err <= 1e-10, f"rank {rank} {name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("mode", ["one", "sym", "ntxent"])
+@pytest.mark.parametrize("chunk,temperature", KERNELS, ids=["dense", "chunk2", "chunk3-online"])
+def test_ddp_labels_equal_single_process(
+    worlds: Worlds, world_size: int, mode: str, chunk: int | None, temperature: float
+) -> None:
+    sizes, _ = LAYOUTS[world_size]
+    seed = 31 + world_size
+    res = worlds.run(
+        world_size, dist_cases.ddp_case, mode, sizes, [], chunk, temperature, seed, True
+    )
+    ref_model = dist_cases.make_model(mode, None, temperature, gather=False, seed=seed)
+    xq, xk, xn = dist_cases.make_data(mode, sizes, [], seed)
+    labels = dist_cases.make_labels(sizes, seed)
+    assert labels.unique().numel() < len(labels)  # several positives per row
+    ref_loss = ref_model(xq, xk, xn, labels)
+    ref_loss.backward()
+    mean_loss = torch.tensor(sum(r["loss"] for r in res) / world_size, dtype=torch.float64)
+    assert record_error("DDP labels loss vs 1 process", mean_loss, ref_loss) <= 1e-12
+    for rank, r in enumerate(res):
+        for name, p in ref_model.named_parameters():
+            err = record_error(f"DDP labels grads vs 1 process, {mode}", r["grads"][name], p.grad)
             assert err <= 1e-10, f"rank {rank} {name}: rel err {err:.2e}"
 
 
