@@ -32,6 +32,7 @@ from dist_infonce.dist import (
     is_distributed,
 )
 from dist_infonce.kernels import DEFAULT_CHUNK, chunked_lse, compute_dtype, dense_lse, no_autocast
+from dist_infonce.kernels.symmetric import self_lse
 
 __all__ = ["InfoNCE", "NTXent", "info_nce", "nt_xent"]
 
@@ -419,7 +420,12 @@ def _nt_xent_body(
     # Each view leaves out its own column (self-similarity); its pair stays in.
     own = torch.arange(offset, offset + n, device=z1.device)
     own = torch.cat([own, own + total])
-    lse, _ = _lse(rows, pool, inv_temp, chunk_size, mask_idx=own)
+    if not distributed and (chunk_size is not None or 4 * n * n > _DENSE_MAX_ELEMENTS):
+        # Locally the 2N x 2N matrix is symmetric: each tile serves its rows and,
+        # transposed, its columns' rows (half the tiles of the general kernel).
+        lse = self_lse(rows, inv_temp, chunk_size or DEFAULT_CHUNK)
+    else:
+        lse, _ = _lse(rows, pool, inv_temp, chunk_size, mask_idx=own)
     if labels is None:
         pos = _dot(z1, z2, inv_temp).repeat(2)
     else:
