@@ -328,7 +328,9 @@ def _info_nce_body(
         lse, _ = _lse(q, neg, inv_temp, chunk_size, extra=pos)
         losses = lse - pos
     elif symmetric:
-        losses, global_rows = _symmetric(q, k, inv_temp, chunk_size, distributed, group, labels)
+        losses, global_rows = _symmetric(
+            q, k, inv_temp, chunk_size, distributed, group, labels, normalized=normalize
+        )
     else:
         if distributed:
             kp, info = gather_with_info(k, group)
@@ -356,13 +358,16 @@ def _symmetric(
     distributed: bool,
     group: ProcessGroup | None,
     labels: torch.Tensor | None,
+    *,
+    normalized: bool,
 ) -> tuple[torch.Tensor, int]:
     """Row losses of the CLIP loss (both directions) and the global row count.
 
     One block row per rank: ``q_local @ K_pool^T`` gives the query->key row
     statistics and, per key column, a partial key->query log-sum-exp over the
     local queries; :func:`all_reduce_logsumexp` completes the columns over the
-    ranks (O(global rows) numbers). Only the key tower is gathered (the query tower
+    ranks (O(global rows) numbers; one all-reduce with normalised inputs and
+    temperature >= 1/300, else two). Only the key tower is gathered (the query tower
     too when ``labels`` need its per-class sums), and every similarity is
     computed once in the world.
     """
@@ -379,7 +384,9 @@ def _symmetric(
     offset = info.offset if info is not None else 0
     lse_q, col_lse = _lse(q, kp, inv_temp, chunk_size, cols=True)
     if info is not None:
-        col_lse = all_reduce_logsumexp(col_lse, group)
+        # Unit vectors bound every logit by t: one all-reduce of plain sums.
+        bound = float(inv_temp.detach()) if normalized else None
+        col_lse = all_reduce_logsumexp(col_lse, group, bound=bound)
     lse_k = col_lse[offset : offset + n]
     global_rows = info.total if info is not None else n
     if labels is None:

@@ -96,7 +96,12 @@ def _count_collectives() -> Iterator[list[tuple[str, int]]]:
 
 
 def collectives_case(
-    mode: str, n: int, d: int, chunk: int | None, labeled: bool = False
+    mode: str,
+    n: int,
+    d: int,
+    chunk: int | None,
+    labeled: bool = False,
+    normalize: bool = True,
 ) -> dict[str, Any]:
     """Collectives issued by one forward and one backward with gather=True."""
     torch.manual_seed(dist.get_rank())
@@ -111,8 +116,9 @@ def collectives_case(
             loss = nt_xent(q, k, gather=True, chunk_size=chunk, labels=labels)
         else:
             loss = info_nce(
-                q, k, neg, symmetric=mode == "sym", gather=True, chunk_size=chunk, labels=labels
-            )
+                q, k, neg, symmetric=mode == "sym", gather=True, chunk_size=chunk,
+                labels=labels, normalize=normalize,
+            )  # fmt: skip
     with _count_collectives() as bwd:
         loss.backward()
     return {"forward": list(fwd), "backward": list(bwd)}
@@ -230,3 +236,25 @@ def subgroup_case(sizes: list[int], seed: int) -> dict[str, Any]:
     loss = info_nce(q, k, symmetric=True, gather=True, group=group, chunk_size=2)
     loss.backward()
     return {"loss": loss.item(), "dq": q.grad, "dk": k.grad}
+
+
+def symmetric_case(
+    sizes: list[int],
+    seed: int,
+    temperature: float,
+    normalize: bool,
+    scale: float,
+    chunk: int | None,
+) -> dict[str, Any]:
+    """The gathered symmetric loss on this rank's slice: value and input gradients."""
+    rank = dist.get_rank()
+    xq, xk, _ = make_data("sym", sizes, [], seed)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    q = (scale * xq[rows]).requires_grad_()
+    k = (scale * xk[rows]).requires_grad_()
+    t = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
+    loss = info_nce(
+        q, k, temperature=t, symmetric=True, gather=True, normalize=normalize, chunk_size=chunk
+    )
+    loss.backward()
+    return {"loss": loss.item(), "dq": q.grad, "dk": k.grad, "dt": t.grad}

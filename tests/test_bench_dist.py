@@ -50,7 +50,7 @@ def test_world_2_cli_rows(tmp_path: Path) -> None:
     tower = b * d * 4  # one rank's rows of one tower, float32
     names = [c.split(":")[0] for c in rows[("ours", "sym")]["collectives"]]
     assert names == [
-        "all_gather_single", "all_gather_single", "all_reduce", "all_reduce", "all_reduce",
+        "all_gather_single", "all_gather_single", "all_reduce", "all_reduce",
         "reduce_scatter_single",
     ]  # fmt: skip
     # Ring costs at W = 2: one tower gathered and reduce-scattered; OpenCLIP and the

@@ -92,26 +92,70 @@ def test_one_gather_forward_one_reduce_scatter_backward(worlds: Worlds, mode: st
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("normalize", [True, False], ids=["bounded", "general"])
 def test_gathered_symmetric_sends_one_tower_and_column_statistics(
-    worlds: Worlds, world_size: int
+    worlds: Worlds, world_size: int, normalize: bool
 ) -> None:
     n, d = 6, 4
-    res = worlds.run(world_size, dist_cases.collectives_case, "sym", n, d, 4)
+    res = worlds.run(world_size, dist_cases.collectives_case, "sym", n, d, 4, False, normalize)
     pool = world_size * n
+    # Unit vectors bound the logits by 1/temperature: the column partial sums are
+    # plain sums, one all-reduce (float64). Otherwise max, then shifted sums.
+    column_stats = [("all_reduce", pool)] * (1 if normalize else 2)
     for r in res:
         # Forward: metadata, the key tower only (pool x D, half of both towers), then
-        # the column log-sum-exps completed by two all-reduces of pool numbers
-        # (max, then shifted sums).
+        # the column log-sum-exps completed over the ranks.
         assert r["forward"] == [
             ("all_gather_single", r["forward"][0][1]),
             ("all_gather_single", pool * d),
-            ("all_reduce", pool),
-            ("all_reduce", pool),
+            *column_stats,
         ], r["forward"]
         assert r["forward"][0][1] < 64
         # Backward: the column gradient coefficients (pool numbers), then the usual
         # reduce-scatter of the key gradients (pool x D).
         assert r["backward"] == [("all_reduce", pool), ("reduce_scatter_single", pool * d)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize(
+    "temperature,normalize,scale,chunk",
+    # the one-all-reduce path at a large logit range (t = 250: terms down to
+    # exp(-500)); past its range (t = 500) and unnormalised inputs: max + sums.
+    [
+        (0.004, True, 1.0, None),
+        (0.002, True, 1.0, 3),
+        (0.2, False, 3.0, 2),
+        (0.5, False, 0.2, None),
+    ],
+    ids=["bounded-t250", "general-t500", "general-raw", "general-raw-dense"],
+)
+def test_gathered_symmetric_column_statistics_are_exact(
+    worlds: Worlds, world_size: int, temperature: float, normalize: bool, scale: float,
+    chunk: int | None,
+) -> None:  # fmt: skip
+    sizes = LAYOUTS[world_size][0]
+    seed = 41 + world_size
+    res = worlds.run(
+        world_size, dist_cases.symmetric_case, sizes, seed, temperature, normalize, scale, chunk
+    )
+    xq, xk, _ = dist_cases.make_data("sym", sizes, [], seed)
+    q, k = (scale * xq).requires_grad_(), (scale * xk).requires_grad_()
+    t = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
+    ref = ref_info_nce(q, k, temperature=t, symmetric=True, normalize=normalize)
+    ref.backward()
+    mean = torch.tensor(sum(r["loss"] for r in res) / world_size, dtype=torch.float64)
+    assert record_error("gathered symmetric vs 1 process", mean, ref) <= 1e-12
+    # Each rank's input gradients are its rows' share times the world size (DDP
+    # averages); the temperature's, averaged over ranks, is the global one.
+    got = torch.cat([torch.cat([r["dq"], r["dk"]], 1) for r in res]) / world_size
+    assert (
+        record_error("gathered symmetric vs 1 process", got, torch.cat([q.grad, k.grad], 1))
+        <= 1e-10
+    )
+    dt = sum(r["dt"] for r in res) / world_size
+    assert (
+        record_error("gathered symmetric vs 1 process", dt, t.grad, floor=1 / temperature) <= 1e-10
+    )
 
 
 @pytest.mark.parametrize("mode", ["one", "sym", "ntxent"])
