@@ -194,3 +194,24 @@ def test_labels_keep_the_saved_graph_linear(mode: str) -> None:
     loss.backward()
     assert sum(saved) < 80 * n * d * 4, f"saved {sum(saved)} bytes"
     assert sum(saved) < n * n * 4 / 20
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_labels_with_bfloat16_inputs_and_autocast_accumulate_in_float32(
+    mode: str, chunk: int | None
+) -> None:
+    # Unit rows already rounded to bfloat16, normalize=False: the float64 reference
+    # sees the same numbers, so float32 accuracy is expected, not bfloat16's.
+    a, b = (
+        F.normalize(x.detach(), dim=-1).to(torch.bfloat16).requires_grad_()
+        for x in leaves(30, 16, 7)
+    )
+    labels = make_labels(30, 4, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(mode, a, b, 0.1, normalize=False, chunk_size=chunk, labels=labels)
+    assert out.dtype == torch.float32
+    ref = ref_supcon(mode, a.double(), b.double(), labels, 0.1, "mean", False)
+    assert record_error("labels bfloat16 inputs vs float64", out, ref) <= 1e-6
+    out.backward()
+    assert a.grad is not None and a.grad.dtype == torch.bfloat16
