@@ -391,12 +391,11 @@ def _symmetric(
     global_rows = info.total if info is not None else n
     if labels is None:
         return 0.5 * (lse_q + lse_k) - _dot(q, k, inv_temp), global_rows
-    else:
-        pool_labels = gather_labels(labels, info) if info is not None else labels
-        inverse, counts = _label_classes(pool_labels)
-        cls = inverse[offset : offset + n]
-        pos_q = _label_dot(q, _class_sums(kp, inverse, len(counts)), cls, counts, inv_temp)
-        pos_k = _label_dot(k, _class_sums(qp, inverse, len(counts)), cls, counts, inv_temp)
+    pool_labels = gather_labels(labels, info) if info is not None else labels
+    inverse, counts = _label_classes(pool_labels)
+    cls = inverse[offset : offset + n]
+    pos_q = _label_dot(q, _class_sums(kp, inverse, len(counts)), cls, counts, inv_temp)
+    pos_k = _label_dot(k, _class_sums(qp, inverse, len(counts)), cls, counts, inv_temp)
     return 0.5 * ((lse_q - pos_q) + (lse_k - pos_k)), global_rows
 
 
