@@ -258,3 +258,31 @@ def symmetric_case(
     )
     loss.backward()
     return {"loss": loss.item(), "dq": q.grad, "dk": k.grad, "dt": t.grad}
+
+
+def labels_reduction_case(
+    mode: str, sizes: list[int], seed: int, reduction: str, chunk: int | None
+) -> dict[str, Any]:
+    """Labelled loss with ``reduction`` on this rank's slice, backpropagated with a
+    rank-specific cotangent slice: the output and the input gradients."""
+    from dist_infonce import nt_xent
+
+    rank = dist.get_rank()
+    xq, xk, _ = make_data("sym", sizes, [], seed)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    q, k = xq[rows].clone().requires_grad_(), xk[rows].clone().requires_grad_()
+    labels = make_labels(sizes, seed)[rows]
+    kw: dict[str, Any] = {"reduction": reduction, "gather": True, "chunk_size": chunk}
+    if mode == "ntxent":
+        out = nt_xent(q, k, 0.3, labels=labels, **kw)
+        w = cotangent(sizes, seed)[rows].repeat(2) if reduction == "none" else 1.0
+    else:
+        out = info_nce(q, k, temperature=0.3, symmetric=mode == "sym", labels=labels, **kw)
+        w = cotangent(sizes, seed)[rows] if reduction == "none" else 1.0
+    (out * w).sum().backward()
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad}
+
+
+def cotangent(sizes: list[int], seed: int) -> torch.Tensor:
+    """Per-row weights of the global batch for ``reduction="none"`` backward."""
+    return torch.linspace(0.5, 1.5, sum(sizes), dtype=torch.float64)

@@ -256,3 +256,44 @@ def test_gather_within_a_subgroup(worlds: Worlds) -> None:
             exp = torch.cat([q.grad[start : start + n], k.grad[start : start + n]])
             assert record_error("subgroup gather vs 1 process", got, exp) <= 1e-10
             start += n
+
+
+@pytest.mark.parametrize("mode", ["one", "sym", "ntxent"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("chunk", [None, 3], ids=["dense", "chunk3"])
+def test_labels_reductions_over_ranks_equal_single_process(
+    worlds: Worlds, mode: str, reduction: str, chunk: int | None
+) -> None:
+    from dist_infonce import info_nce, nt_xent
+
+    sizes, seed = LAYOUTS[3][0], 23  # a rank with 0 rows
+    res = worlds.run(3, dist_cases.labels_reduction_case, mode, sizes, seed, reduction, chunk)
+    xq, xk, _ = dist_cases.make_data("sym", sizes, [], seed)
+    q, k = xq.clone().requires_grad_(), xk.clone().requires_grad_()
+    labels = dist_cases.make_labels(sizes, seed)
+    w = dist_cases.cotangent(sizes, seed)
+    if mode == "ntxent":
+        ref = nt_xent(q, k, 0.3, labels=labels, reduction=reduction)
+    else:
+        ref = info_nce(q, k, temperature=0.3, symmetric=mode == "sym", labels=labels,
+                       reduction=reduction)  # fmt: skip
+    if reduction == "none":
+        # Per-row losses: rank r returns its own rows (z1's then z2's for NT-Xent).
+        n = sum(sizes)
+        halves = [ref[:n], ref[n:]] if mode == "ntxent" else [ref]
+        starts = [sum(sizes[:r]) for r in range(3)]
+        expected = [
+            torch.cat([h[s : s + m] for h in halves]) for s, m in zip(starts, sizes, strict=True)
+        ]
+        for r, e in enumerate(expected):
+            assert record_error("DDP labels reductions vs 1 process", res[r]["out"], e) <= 1e-12
+        (ref * (w.repeat(2) if mode == "ntxent" else w)).sum().backward()
+        scale = 1.0  # each rank's gradient is the global one for its rows
+    else:
+        total = torch.tensor(sum(float(r["out"]) for r in res) / 3, dtype=torch.float64)
+        assert record_error("DDP labels reductions vs 1 process", total, ref) <= 1e-12
+        ref.backward()
+        scale = 3.0  # the convention: world_size x (DDP averages)
+    got = torch.cat([torch.cat([r["dq"], r["dk"]], 1) for r in res]) / scale
+    exp = torch.cat([q.grad, k.grad], 1)
+    assert record_error("DDP labels reductions vs 1 process", got, exp) <= 1e-10
