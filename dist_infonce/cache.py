@@ -25,6 +25,7 @@ Entry point: :func:`cached_backward`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -250,7 +251,15 @@ def _agree_nonempty(towers: Sequence[_Tower]) -> None:
 # --------------------------------------------------------------------------- loss
 
 
+def _loss_module(loss_fn: object) -> object:
+    """The callable behind ``functools.partial`` layers (a loss module with bound labels)."""
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return loss_fn
+
+
 def _loss_params(loss_fn: object) -> list[nn.Parameter]:
+    loss_fn = _loss_module(loss_fn)
     if isinstance(loss_fn, nn.Module) and not isinstance(loss_fn, DistributedDataParallel):
         return [p for p in loss_fn.parameters() if p.requires_grad]
     return []
@@ -327,7 +336,8 @@ def cached_backward(
         loss_fn: called once as ``loss_fn(*outputs)`` on the outputs concatenated over
             the micro-batches (the outputs of all towers, in order); returns a 0-dim
             tensor. If it is an ``nn.Module`` with trainable parameters (a learnable
-            temperature) and torch.distributed is initialised, the gradient this call
+            temperature; also behind ``functools.partial``, e.g. with bound ``labels``)
+            and torch.distributed is initialised, the gradient this call
             adds to them is averaged over the ranks of ``loss_fn.group`` (the world if
             it has none), so they follow the same convention as DDP's parameters.
         inputs: a Tensor or a tuple of Tensors with one first dimension B >= 1 (B may
@@ -398,7 +408,7 @@ def cached_backward(
         leaves.append([_leaf(part) for part in _joined_outputs(t, micro)])
         t.outputs.clear()  # only the leaves are kept (O(B * D))
     params = _loss_params(loss_fn)
-    with _averaged_over_ranks(params, getattr(loss_fn, "group", None)):
+    with _averaged_over_ranks(params, getattr(_loss_module(loss_fn), "group", None)):
         loss = loss_fn(*(leaf for tower_leaves in leaves for leaf in tower_leaves))
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(

@@ -112,6 +112,9 @@ class LossConfig:
     num_negatives: int = 0
     """Extra explicit negatives per rank for kind=info_nce, drawn from the data's view 1
     and shared by all queries (pooled over ranks with ``gather``); 0 = in-batch only."""
+    supervised: bool = False
+    """Supervised contrastive (SupCon): samples with the same class label are positives
+    of each other (the loss's ``labels=``); needs a data set with labels (digits)."""
 
 
 @dataclass
@@ -539,6 +542,11 @@ def validate(cfg: Config) -> None:
         lo.num_negatives == 0 or lo.kind == "info_nce",
         "loss.num_negatives",
         f"explicit negatives need loss.kind=info_nce (got {lo.kind}: in-batch negatives only)",
+    )
+    _check(
+        not (lo.supervised and lo.num_negatives),
+        "loss.supervised",
+        "labels define the positives among in-batch samples; set loss.num_negatives=0",
     )
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
     _check(cfg.data.noise >= 0, "data.noise", f"must be >= 0, got {cfg.data.noise}")

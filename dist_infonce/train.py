@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import netrc
@@ -90,7 +91,8 @@ class Learner(nn.Module):
 
     Shape:
         x0: (B, *in0); x1: (B + M, *in1), the last M rows being explicit negatives
-        (``info_nce`` only). Output: () the loss.
+        (``info_nce`` only); labels: None or (B,) int64 (``loss.supervised``).
+        Output: () the loss.
     """
 
     def __init__(self, model: PairModel, loss_fn: nn.Module, kind: str) -> None:
@@ -99,13 +101,15 @@ class Learner(nn.Module):
         self.loss_fn = loss_fn
         self.kind = kind
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x0: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         z0, z1 = self.model(x0, x1)
         n = len(z0)
         if self.kind == "info_nce":
             negatives = z1[n:] if len(z1) > n else None
-            return self.loss_fn(z0, z1[:n], negatives)
-        return self.loss_fn(z0, z1)
+            return self.loss_fn(z0, z1[:n], negatives, labels=labels)
+        return self.loss_fn(z0, z1, labels=labels)
 
     @property
     def temperature(self) -> float:
@@ -113,9 +117,16 @@ class Learner(nn.Module):
         return float(self.loss_fn.temperature.detach())
 
     def cached_backward(
-        self, model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, micro: int, accelerator: Any
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        x1: torch.Tensor,
+        labels: torch.Tensor | None,
+        *,
+        micro: int,
+        accelerator: Any,
     ) -> torch.Tensor:
-        """The backward of ``forward(x0, x1)`` with the encoders run ``micro`` rows at a
+        """The backward of ``forward(x0, x1, labels)`` with the encoders run ``micro`` rows at a
         time (:func:`dist_infonce.cache.cached_backward`); returns the detached loss.
 
         ``model`` is ``self.model`` as prepared (DDP under several processes); the loss
@@ -134,7 +145,10 @@ class Learner(nn.Module):
 
             towers.append(negatives)
             inputs.append(x1[n:])
-        return cached_backward(towers, self.loss_fn, inputs, micro, scaler=accelerator.scaler)
+        # A partial keeps the module visible to cached_backward (it averages the
+        # gradient of a learnable temperature over the ranks).
+        loss_fn = functools.partial(self.loss_fn, labels=labels)
+        return cached_backward(towers, loss_fn, inputs, micro, scaler=accelerator.scaler)
 
 
 # -------------------------------------------------------------------- process setup
@@ -337,14 +351,32 @@ def _embed_fn(model: PairModel, device: torch.device, batch_size: int, autocast:
 
 
 def _sample(data: ContrastiveData, cfg: Config, step: int, rank: int, micro: int) -> Any:
-    """The batch of ``(step, rank, micro)``: a pure function of the seed and these numbers."""
+    """The batch ``(x0, x1, labels)`` of ``(step, rank, micro)``: a pure function of the
+    seed and these numbers. ``labels`` is None unless ``loss.supervised``.
+
+    Raises:
+        ConfigError: ``loss.supervised`` with a data set that returns no labels.
+    """
     g = batch_generator(cfg.seed, step, rank, micro)
-    x0, x1 = data.sample(g, cfg.train.batch_size)[:2]
+    batch = data.sample(g, cfg.train.batch_size)
+    x0, x1 = batch[:2]
+    labels = None
+    if cfg.loss.supervised:
+        if len(batch) < 3:
+            raise ConfigError(
+                f"loss.supervised: data.name={cfg.data.name!r} returns no class labels "
+                "(its sample() gives two views only)"
+            )
+        labels = batch[2]
     if cfg.loss.num_negatives:
         # Explicit negatives: view-1 samples of other items, after the positives.
         negatives = data.sample(g, cfg.loss.num_negatives)[1]
         x1 = torch.cat([x1, negatives])
-    return x0, x1
+    return x0, x1, labels
+
+
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
 
 
 def train(cfg: Config, accelerator: Any) -> dict[str, float]:
@@ -456,14 +488,16 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
         loss_sum = torch.zeros((), device=device)
         grad_norm = None
         for micro in range(cfg.train.grad_accum_steps):
-            x0, x1 = _sample(data, cfg, step, rank, micro)
-            x0, x1 = x0.to(device), x1.to(device)
+            x0, x1, labels = _sample(data, cfg, step, rank, micro)
+            x0, x1, labels = x0.to(device), x1.to(device), _to(labels, device)
             with accelerator.accumulate(encoder):
                 if micro_batch is None:
-                    loss = learner(x0, x1)
+                    loss = learner(x0, x1, labels)
                     accelerator.backward(loss)
                 else:
-                    loss = unwrapped.cached_backward(encoder, x0, x1, micro_batch, accelerator)
+                    loss = unwrapped.cached_backward(
+                        encoder, x0, x1, labels, micro=micro_batch, accelerator=accelerator
+                    )
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(
                         unwrapped.parameters(), cfg.train.grad_clip
