@@ -72,8 +72,10 @@ def _ptxas_report(ptx: str) -> str:
     return "ptxas -v unavailable"
 
 
-def compile_one(fn: triton.JITFunction, dtype: str, constexprs: dict, warps: int) -> dict:
-    """Compile one variant for sm_90a; returns its resources."""
+def compile_one(
+    fn: triton.JITFunction, dtype: str, constexprs: dict, warps: int, ptxas_report: bool = True
+) -> dict:
+    """Compile one variant for sm_90a; returns its resources (``ptxas -v`` if asked)."""
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
     k = triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3}
@@ -83,7 +85,7 @@ def compile_one(fn: triton.JITFunction, dtype: str, constexprs: dict, warps: int
         "shared_bytes": k.metadata.shared,
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma_sync": ptx.count("mma.sync"),
-        "ptxas": _ptxas_report(ptx),
+        "ptxas": _ptxas_report(ptx) if ptxas_report else "",
     }
 
 

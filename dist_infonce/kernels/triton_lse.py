@@ -28,7 +28,6 @@ numerics). triton is imported on first use, so the package works without it.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from types import ModuleType
 
@@ -84,12 +83,15 @@ def check_triton_block(chunk_size: int | None) -> int:
 def _load_kernels() -> ModuleType:
     global _kernels
     if _kernels is None:
-        if importlib.util.find_spec("triton") is None:
+        try:
+            _kernels = importlib.import_module("dist_infonce.kernels._triton_kernels")
+        except ImportError as e:
+            if not (e.name or "").startswith("triton"):
+                raise
             raise ImportError(
                 "kernel='triton' needs the triton package (pip install triton); "
                 "kernel='chunked' runs without it"
-            )
-        _kernels = importlib.import_module("dist_infonce.kernels._triton_kernels")
+            ) from e
     return _kernels
 
 
