@@ -73,12 +73,17 @@ def _ptxas_report(ptx: str) -> str:
 
 
 def compile_one(
-    fn: triton.JITFunction, dtype: str, constexprs: dict, warps: int, ptxas_report: bool = True
+    fn: triton.JITFunction,
+    dtype: str,
+    constexprs: dict,
+    warps: int,
+    ptxas_report: bool = True,
+    stages: int = 3,
 ) -> dict:
     """Compile one variant for sm_90a; returns its resources (``ptxas -v`` if asked)."""
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
     k = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3}
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
     )
     ptx = k.asm["ptx"]
     return {
@@ -92,7 +97,7 @@ def compile_one(
 def variants(block: int, block_d: int, dtypes: list[str]) -> list[tuple]:
     out = []
     for dtype in dtypes:
-        precision = "ieee" if dtype == "fp32" else "tf32"
+        precision = "tf32x3" if dtype == "fp32" else "tf32"
         common = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": 64, "PRECISION": precision,
                   "DOT_F32": False}  # fmt: skip
         for shifted, cols in itertools.product((True, False), (True, False)):
@@ -112,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--block-d", type=int, default=128)
     p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--kernels", default="fwd,bwd", help="which kernels: fwd,bwd")
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     args = p.parse_args(argv)
     for fn, dtype, c in variants(args.block, args.block_d, args.dtypes.split(",")):
-        r = compile_one(fn, dtype, c, args.warps)
+        if fn.__name__.split("_")[1] not in args.kernels.split(","):
+            continue
+        r = compile_one(fn, dtype, c, args.warps, stages=args.stages)
         flags = " ".join(f"{k}={v}" for k, v in c.items() if k not in ("BLOCK_K", "DOT_F32"))
         print(
             f"{fn.__name__:<15} {dtype:<5} {flags}: shared {r['shared_bytes']} B, "

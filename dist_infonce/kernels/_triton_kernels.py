@@ -9,6 +9,9 @@ Notation as in :mod:`dist_infonce.kernels.chunked`: ``raw = A @ B.T`` (N x M, th
 unscaled similarities), ``s = t * raw`` the logits, masked entries ``-inf``.
 Every tile of ``raw`` is a sum over D in ``BLOCK_K`` slices of ``tl.dot`` with
 float32 accumulation, so D is unbounded and never needs to divide anything.
+Block offsets are int64: at B = 1M rows, ``row * D`` passes 2^31 once D > 2048.
+(Block pointers, which would check bounds per block, are gone from triton 3.9;
+tensor descriptors need 16-byte aligned strides: masks it is, for now.)
 
 Grid and memory traffic (per program):
 
@@ -51,24 +54,38 @@ def _dot(x, y, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _block_ptrs(base, first, stride, BLOCK: tl.constexpr, ks):
+    """Pointers to ``base[first + i, ks]`` for i < BLOCK (row-major, row stride ``stride``).
+
+    The block's first row is offset once, in int64 (B * D passes 2^31 at B = 1M
+    rows, D > 2048); the offsets inside the block stay int32, which keeps the
+    per-element address arithmetic (and its registers) small.
+    """
+    local = tl.arange(0, BLOCK)[:, None] * stride + ks[None, :]
+    return base + first.to(tl.int64) * stride + local
+
+
+@triton.jit
 def _raw_tile(
-    a_ptr, b_ptr, rows, cols, N, M, D,
+    a_ptr, b_ptr, row0, col0, N, M, D,
     stride_a, stride_b,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """``A[rows] @ B[cols].T`` in float32; rows/cols outside the matrices read zeros."""
+    """``A[row0:row0+BLOCK_M] @ B[col0:col0+BLOCK_N].T`` in float32; outside the matrices reads 0."""
+    rows_ok = (row0 + tl.arange(0, BLOCK_M)) < N
+    cols_ok = (col0 + tl.arange(0, BLOCK_N)) < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
-            a_ptr + rows[:, None] * stride_a + ks[None, :],
-            mask=(rows[:, None] < N) & (ks[None, :] < D),
+            _block_ptrs(a_ptr, row0, stride_a, BLOCK_M, ks),
+            mask=rows_ok[:, None] & (ks[None, :] < D),
             other=0.0,
         )
         b = tl.load(
-            b_ptr + cols[:, None] * stride_b + ks[None, :],
-            mask=(cols[:, None] < M) & (ks[None, :] < D),
+            _block_ptrs(b_ptr, col0, stride_b, BLOCK_N, ks),
+            mask=cols_ok[:, None] & (ks[None, :] < D),
             other=0.0,
         )
         acc += _dot(a, tl.trans(b), PRECISION, DOT_F32)
@@ -104,7 +121,8 @@ def lse_fwd_kernel(
     row and column sums share it. Otherwise an online maximum per row (rows only).
     """
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     t = tl.load(t_ptr).to(tl.float32)
     n_col_tiles = tl.cdiv(M, BLOCK_N)
     if SHIFTED:
@@ -114,10 +132,10 @@ def lse_fwd_kernel(
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for step in range(0, n_col_tiles):
         # Staggered start: concurrent programs add to different column tiles.
-        jt = (step + pid) % n_col_tiles
-        cols = jt * BLOCK_N + tl.arange(0, BLOCK_N)
+        col0 = ((step + pid) % n_col_tiles) * BLOCK_N
+        cols = col0 + tl.arange(0, BLOCK_N)
         raw = _raw_tile(
-            a_ptr, b_ptr, rows, cols, N, M, D, stride_a, stride_b,
+            a_ptr, b_ptr, row0, col0, N, M, D, stride_a, stride_b,
             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32,
         )  # fmt: skip
         s = _logits(raw, t, rows, cols, mask_ptr, N, M, HAS_MASK)
@@ -160,7 +178,8 @@ def lse_bwd_kernel(
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     t = tl.load(t_ptr).to(tl.float32)
     col_ok = cols < M
@@ -170,7 +189,7 @@ def lse_bwd_kernel(
             cshift = tl.load(cshift_ptr + cols, mask=col_ok, other=0.0)
     # This program's slice of B: the operand of U += G @ B_j, loaded once.
     b_d = tl.load(
-        b_ptr + cols[:, None] * stride_b + ds[None, :],
+        _block_ptrs(b_ptr, col0, stride_b, BLOCK_N, ds),
         mask=col_ok[:, None] & (ds[None, :] < D),
         other=0.0,
     )
@@ -179,11 +198,11 @@ def lse_bwd_kernel(
     n_row_tiles = tl.cdiv(N, BLOCK_M)
     for step in range(0, n_row_tiles):
         # Staggered start: concurrent programs add to different rows of U.
-        it = (step + pid_n) % n_row_tiles
-        rows = it * BLOCK_M + tl.arange(0, BLOCK_M)
+        row0 = ((step + pid_n) % n_row_tiles) * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         raw = _raw_tile(
-            a_ptr, b_ptr, rows, cols, N, M, D, stride_a, stride_b,
+            a_ptr, b_ptr, row0, col0, N, M, D, stride_a, stride_b,
             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32,
         )  # fmt: skip
         s = _logits(raw, t, rows, cols, mask_ptr, N, M, HAS_MASK)
@@ -203,7 +222,7 @@ def lse_bwd_kernel(
         if pid_d == 0:
             dt += tl.sum(tl.sum(g * raw, axis=1), axis=0)
         a_d = tl.load(
-            a_ptr + rows[:, None] * stride_a + ds[None, :],
+            _block_ptrs(a_ptr, row0, stride_a, BLOCK_M, ds),
             mask=row_ok[:, None] & (ds[None, :] < D),
             other=0.0,
         )
@@ -213,8 +232,14 @@ def lse_bwd_kernel(
         db += _dot(tl.trans(gq), a_d, PRECISION, DOT_F32)
         u = _dot(gq, b_d, PRECISION, DOT_F32)
         tl.atomic_add(
-            u_ptr + rows[:, None] * D + ds[None, :], u, mask=row_ok[:, None] & (ds[None, :] < D)
+            _block_ptrs(u_ptr, row0, D, BLOCK_M, ds),
+            u,
+            mask=row_ok[:, None] & (ds[None, :] < D),
         )
-    tl.store(db_ptr + cols[:, None] * D + ds[None, :], db, mask=col_ok[:, None] & (ds[None, :] < D))
+    tl.store(
+        _block_ptrs(db_ptr, col0, D, BLOCK_N, ds),
+        db,
+        mask=col_ok[:, None] & (ds[None, :] < D),
+    )
     if pid_d == 0:
         tl.store(dt_ptr + pid_n, dt)
