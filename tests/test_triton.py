@@ -267,3 +267,14 @@ def test_cuda_kernel_matches_chunked_at_d512(mode: str) -> None:
         out[kernel] = [loss.detach(), *torch.autograd.grad(loss, [q, k])]
     for a, b in zip(out["triton"], out["chunked"], strict=True):
         assert record_error(f"CUDA triton vs chunked D=512 bf16 ({mode})", a, b) <= 1e-2
+
+
+@pytest.mark.parametrize(("n", "m"), [(0, 5), (5, 0)])
+def test_interpreted_empty_side_matches_chunked(interpreter: Any, n: int, m: int) -> None:
+    # gather=True lets a rank hold 0 rows; an empty pool gives log(0) = -inf rows.
+    res = interpreter.apply_async(triton_cases.empty_side, (n, m)).get(timeout=CASE_TIMEOUT_S)
+    for name, got, ref in res:
+        if ref is None:
+            assert got is None or not got.any(), name
+        else:
+            assert got.shape == ref.shape and torch.equal(got, ref.to(got.dtype)), name
