@@ -73,9 +73,17 @@ def check(
             floor = 1e-6  # relative to the largest gradient entry
             tol = 1e-6 * max(s_max, 10.0) if dtype == "float32" else HALF_GRAD_TOL[dtype]
         err = record_error(
-            f"triton {family} vs float64 ({dtype}, {name.split()[0]})", got, ref, floor
+            f"triton {family} vs float64 ({dtype}, {_QUANTITY[name.split()[1] if ' ' in name else name]})",
+            got,
+            ref,
+            floor,
         )
         assert err <= tol, f"{name}: error {err:.2e} > {tol:.1e}"
+
+
+_QUANTITY = {"loss": "loss", "temperature": "temperature grad"} | {
+    f"x{i}": "input grads" for i in range(3)
+}
 
 
 def _run(pool: Any, **kw: Any) -> triton_cases.Result:
