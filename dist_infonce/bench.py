@@ -129,6 +129,8 @@ class Config:
             one). 0 disables the cap.
         temperature: Softmax temperature (``1 / logit_scale`` for OpenCLIP).
         seed: Seed of the inputs: every method sees the same matrices.
+        variant: Triton rows only: ``"BLOCKxBLOCK_DxWARPS"`` (tile edge, D slice
+            of the backward, backward warps); None for the kernel's defaults.
     """
 
     method: str
@@ -142,10 +144,13 @@ class Config:
     budget_s: float = 0.0
     temperature: float = 0.1
     seed: int = 0
+    variant: str | None = None
 
     @property
     def label(self) -> str:
         """Method name for tables and legends; tiled rows carry their tile edge."""
+        if self.variant is not None:
+            return f"{self.method}[{self.variant}]"
         if self.method in ("chunked", "triton") and self.chunk is not None:
             return f"{self.method}[{self.chunk}]"
         return self.method
@@ -217,8 +222,12 @@ def _loss_fn(cfg: Config) -> LossFn:
         return lambda q, k: info_nce(q, k, temperature=t, symmetric=symmetric, chunk_size=chunk)
     if cfg.method == "triton":
         from dist_infonce import info_nce
+        from dist_infonce.kernels import triton_lse
 
         chunk = cfg.chunk
+        if cfg.variant is not None:
+            # This worker process runs one configuration: set the module's knobs.
+            chunk, triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS = _parse_variant(cfg.variant)
         return lambda q, k: info_nce(
             q, k, temperature=t, symmetric=symmetric, chunk_size=chunk, kernel="triton"
         )
@@ -247,6 +256,28 @@ def _loss_fn(cfg: Config) -> LossFn:
 
         return clip
     raise ValueError(f"unknown method {cfg.method!r}; expected one of {METHODS}")
+
+
+def _parse_variant(text: str) -> tuple[int, int, int]:
+    """``"64x128x8"`` -> (tile edge 64, backward D slice 128, backward warps 8)."""
+    try:
+        block, block_d, warps = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected BLOCKxBLOCK_DxWARPS such as 64x128x8, got {text!r}"
+        ) from None
+    if min(block, block_d) < 16 or block & (block - 1) or block_d & (block_d - 1):
+        raise argparse.ArgumentTypeError(f"BLOCK and BLOCK_D must be powers of two >= 16: {text!r}")
+    if warps not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(f"WARPS must be 1, 2, 4, 8 or 16: {text!r}")
+    return block, block_d, warps
+
+
+def _csv_variants(text: str) -> list[str]:
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    for v in values:
+        _parse_variant(v)
+    return values
 
 
 def _make_inputs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,6 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra chunked rows per tile edge, e.g. 512,1024,2048",
     )
     p.add_argument(
+        "--triton-variants",
+        type=_csv_variants,
+        default=[],
+        help="extra triton rows, each BLOCKxBLOCK_DxWARPS (tile edge, backward D slice, "
+        "backward warps), e.g. 64x128x8,64x256x16; the default kernel row always runs",
+    )
+    p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -593,6 +631,10 @@ def build_grid(args: argparse.Namespace) -> list[Config]:
                 # The fused kernel runs with its own default tile (DEFAULT_BLOCK).
                 for chunk in chunks if method == "chunked" else [None]:
                     grid.append(Config(method, mode, b, d, chunk, **common))
+                if method == "triton":
+                    for v in args.triton_variants:
+                        block = _parse_variant(v)[0]
+                        grid.append(Config(method, mode, b, d, block, **common, variant=v))
     return grid
 
 
@@ -811,8 +853,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    # (method, mode, D, chunk) -> the B at which it failed (timeout, out of memory).
-    failed_at: dict[tuple[str, str, int, int | None], int] = {}
+    # (method, mode, D, chunk, variant) -> the B at which it failed (timeout, OOM).
+    failed_at: dict[tuple[str, str, int, int | None, str | None], int] = {}
     for i, cfg in enumerate(grid, 1):
         row = _row(cfg)
         # Other jobs on the machine distort timings; keep the load next to each row.
@@ -820,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         est = dense_estimate_gib(cfg)
         row["est_dense_gib"] = est
         missing = peer_missing(cfg.method, cfg.device)
-        series = (cfg.method, cfg.mode, cfg.dim, cfg.chunk)
+        series = (cfg.method, cfg.mode, cfg.dim, cfg.chunk, cfg.variant)
         if missing:
             row.update(status="skipped", reason=missing)
         elif series in failed_at and cfg.batch > failed_at[series]:

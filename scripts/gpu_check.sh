@@ -13,7 +13,10 @@
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Then copy $OUT's bench_gpu.png to docs/bench_gpu.png and its table into the README.
 # Time limits (seconds) can be moved: PYTEST_S (default 200), BENCH_S (330); extra
-# benchmark arguments go in BENCH_ARGS (e.g. "--sizes 16384,65536 --modes sym").
+# benchmark arguments go in BENCH_ARGS (e.g. "--sizes 16384,65536 --modes sym", or
+# "--triton-variants 64x256x16,128x128x8" to time other tile / D-slice / warp choices
+# of the fused kernel side by side; scripts/triton_compile_check.py shows their
+# registers and spills without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"

@@ -157,3 +157,22 @@ def test_writer_derives_rates_and_writes_table_json_png(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == len(rows) and (tmp_path / "table.md").read_text() == table
     assert plotted and (tmp_path / "bench_gpu.png").stat().st_size > 0
+
+
+def test_triton_variants_become_rows_and_set_the_kernel_knobs() -> None:
+    from dist_infonce.bench import _loss_fn
+    from dist_infonce.kernels import triton_lse
+
+    args = ["--device", "cuda", "--sizes", "16384", "--triton-variants", "64x256x16,32X64x4"]
+    grid = build_grid(build_parser().parse_args(args))
+    labels = {c.label for c in grid if c.method == "triton"}
+    assert labels == {"triton", "triton[64x256x16]", "triton[32x64x4]"}
+    saved = triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS
+    try:
+        _loss_fn(Config("triton", "one", 256, 16, 32, variant="32x64x4"))
+        assert (triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS) == (64, 4)
+    finally:
+        triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS = saved
+    for bad in ("64x100x8", "64x128", "8x128x8", "64x128x3"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--triton-variants", bad])

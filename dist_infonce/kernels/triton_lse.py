@@ -54,6 +54,9 @@ BLOCK_K_MAX = 64
 #: ~1.9 KB. 128 trades a little spilling for half the recomputes of 64; the
 #: device benchmark decides.
 BLOCK_D_MAX = 128
+#: Warps of the backward kernel; None: 8 for tiles of 64 x 64 elements or more, else 4.
+#: (``python -m dist_infonce.bench --triton-variants`` sets these two per row.)
+BWD_WARPS: int | None = None
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # As in the chunked kernel: exp(s - C) keeps full float32 precision while
 # s - C >= -64 (exp(-64) ~ 1.6e-28, far above the smallest normal float32).
@@ -162,7 +165,7 @@ class _Blocks:
         # Works around the interpreter's bfloat16 tl.dot (see _triton_kernels._dot).
         self.dot_f32 = interpreted and dtype == torch.bfloat16
         # The backward's (BLOCK_N x BLOCK_D) float32 accumulator wants more threads.
-        self.bwd_warps = 8 if block * self.d >= 64 * 64 else 4
+        self.bwd_warps = BWD_WARPS or (8 if block * self.d >= 64 * 64 else 4)
 
 
 def _row_lse(
