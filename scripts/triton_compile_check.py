@@ -27,10 +27,11 @@ from triton.compiler import ASTSource
 
 from dist_infonce.kernels import _triton_kernels as K
 
-_PTR = {"a_ptr", "b_ptr"}
+# Pointers in the input dtype; the other pointers are float32 (mask_ptr: int64).
+_PTR = {"a_ptr", "b_ptr", "db_ptr"}
 _F32_PTRS = {
     "t_ptr", "lse_ptr", "csum_ptr", "rshift_ptr", "rcoef_ptr", "cshift_ptr", "ccoef_ptr",
-    "u_ptr", "db_ptr", "dt_ptr",
+    "u_ptr", "dt_ptr",
 }  # fmt: skip
 
 

@@ -173,8 +173,9 @@ def lse_bwd_kernel(
     ``G_ij = rcoef_i * exp(s_ij - rshift_i) + ccoef_j * exp(s_ij - cshift_j)``
     (the column term only with ``COLS``). With ``ONE_EXP`` both shifts are the
     scalar ``shift`` and ``G = exp(s - shift) * (rcoef_i + ccoef_j)``: one exp per
-    element. U (N, D) must be zeroed by the caller; dB (M, D) and the per-program
-    temperature partials dt (cdiv(M, BLOCK_N),) are written here.
+    element. U (N, D, float32) must be zeroed by the caller; ``t * dB`` (M, D) is
+    stored in dB's dtype (the input dtype: no float32 copy of dB), and the
+    per-program temperature partials dt (cdiv(M, BLOCK_N),) are written here.
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -238,7 +239,7 @@ def lse_bwd_kernel(
         )
     tl.store(
         _block_ptrs(db_ptr, col0, D, BLOCK_N, ds),
-        db,
+        (db * t).to(db_ptr.dtype.element_ty),
         mask=col_ok[:, None] & (ds[None, :] < D),
     )
     if pid_d == 0:

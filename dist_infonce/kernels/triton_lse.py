@@ -183,7 +183,7 @@ def _row_lse(
     lse = torch.empty(n, dtype=torch.float32, device=a.device)
     csum = torch.zeros(m if want_col_sums else 1, dtype=torch.float32, device=a.device)
     mask = mask_idx if mask_idx is not None else lse  # placeholder pointer, never read
-    kernels.lse_fwd_kernel[(triton_cdiv(n, blk.m),)](
+    kernels.lse_fwd_kernel[(_cdiv(n, blk.m),)](
         a, b, t, mask, lse, csum,
         n, m, d, a.stride(0), b.stride(0), 0.0 if shift is None else shift,
         HAS_MASK=mask_idx is not None, SHIFTED=shift is not None, COLS=want_col_sums,
@@ -193,7 +193,7 @@ def _row_lse(
     return lse, (csum if want_col_sums else None)
 
 
-def triton_cdiv(x: int, y: int) -> int:
+def _cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
 
@@ -251,8 +251,9 @@ class _TritonLSE(torch.autograd.Function):
         g_lse = g_lse.to(torch.float32).contiguous()
         cols = ctx.want_cols
         g_clse = g_clse.to(torch.float32).contiguous() if cols else None
+        # U = G @ B gathers float32 atomics; dB is written once, scaled, in b's dtype.
         u = torch.zeros(n, d, dtype=torch.float32, device=a.device)
-        db = torch.zeros(m, d, dtype=torch.float32, device=a.device)
+        db = torch.zeros(m, d, dtype=b.dtype, device=a.device)
         dt = torch.zeros(1, dtype=torch.float32, device=a.device)
         if n > 0 and m > 0:
             shift = ctx.shift
@@ -265,8 +266,8 @@ class _TritonLSE(torch.autograd.Function):
                 rshift, rcoef, cshift, ccoef = lse, g_lse, clse, g_clse
             placeholder = lse
             mask = mask_idx.contiguous() if mask_idx is not None else placeholder
-            dt = torch.empty(triton_cdiv(m, blk.n), dtype=torch.float32, device=a.device)
-            grid = (triton_cdiv(m, blk.n), triton_cdiv(d, blk.d))
+            dt = torch.empty(_cdiv(m, blk.n), dtype=torch.float32, device=a.device)
+            grid = (_cdiv(m, blk.n), _cdiv(d, blk.d))
             kernels.lse_bwd_kernel[grid](
                 ac, bc, t, mask,
                 rshift.contiguous(), rcoef.contiguous(),
@@ -280,14 +281,14 @@ class _TritonLSE(torch.autograd.Function):
             )  # fmt: skip
         grad_a = grad_b = grad_t = grad_extra = None
         tf = t[0]
-        if ctx.needs_input_grad[0]:
-            grad_a = (u * tf).to(a.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_b = (db * tf).to(b.dtype)
         if ctx.needs_input_grad[2]:
             grad_t = dt.sum().to(inv_temp.dtype).reshape(inv_temp.shape)
         if extra is not None and ctx.needs_input_grad[3]:
             grad_extra = (g_lse * (extra.detach().to(torch.float32) - lse).exp()).to(extra.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_a = u.mul_(tf).to(a.dtype)  # in place: U is not needed after dt
+        if ctx.needs_input_grad[1]:
+            grad_b = db
         return grad_a, grad_b, grad_t, grad_extra, None, None, None
 
 
