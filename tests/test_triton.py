@@ -286,3 +286,17 @@ def test_interpreted_empty_side_matches_chunked(interpreter: Any, n: int, m: int
             assert got is None or not got.any(), name
         else:
             assert got.shape == ref.shape and torch.equal(got, ref.to(got.dtype)), name
+
+
+@pytest.mark.parametrize("mode", ["one", "sym"])
+def test_bench_triton_rows_compute_the_same_loss(interpreter: Any, mode: str) -> None:
+    # The benchmark's triton worker path (run_config), interpreted on CPU here,
+    # against its chunked path: same inputs, same loss.
+    from dist_infonce.bench import Config, run_config
+
+    cfgs = {m: Config(m, mode, 80, 24, 32, repeats=1) for m in ("triton", "chunked")}
+    got = interpreter.apply_async(run_config, (cfgs["triton"],)).get(timeout=CASE_TIMEOUT_S)
+    ref = run_config(cfgs["chunked"])
+    assert got["time_s"] > 0
+    loss, ref_loss = torch.tensor(got["loss"]), torch.tensor(ref["loss"])
+    assert record_error(f"bench triton row vs chunked ({mode})", loss, ref_loss) <= 1e-6
