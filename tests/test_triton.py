@@ -273,8 +273,13 @@ def test_cuda_kernel_matches_chunked_at_d512(mode: str) -> None:
     for kernel in ("chunked", "triton"):
         loss = info_nce(q, k, temperature=0.05, symmetric=mode == "sym", kernel=kernel)
         out[kernel] = [loss.detach(), *torch.autograd.grad(loss, [q, k])]
-    for a, b in zip(out["triton"], out["chunked"], strict=True):
-        assert record_error(f"CUDA triton vs chunked D=512 bf16 ({mode})", a, b) <= 1e-2
+    loss_t, *grads_t = out["triton"]
+    loss_c, *grads_c = out["chunked"]
+    assert record_error(f"CUDA triton vs chunked D=512 bf16 ({mode}, loss)", loss_t, loss_c) <= 1e-5
+    for a, b in zip(grads_t, grads_c, strict=True):
+        # Relative to the largest entry: both round to bf16, triton also rounds G.
+        err = record_error(f"CUDA triton vs chunked D=512 bf16 ({mode}, grads)", a, b, 1e-9)
+        assert err <= 2 * HALF_GRAD_TOL["bfloat16"]
 
 
 @pytest.mark.parametrize(("n", "m"), [(0, 5), (5, 0)])
