@@ -6,7 +6,7 @@ configuration (method x mode x B x D) measured in a fresh subprocess, so its pea
 memory is its own:
 
 - time: median of ``--repeats`` timed forward + backward passes after one
-  warm-up (``time.perf_counter``; ``torch.cuda.synchronize`` on CUDA);
+  warm-up (``time.perf_counter`` on CPU; CUDA events on CUDA);
 - extra memory: on CPU, the peak RSS (``ru_maxrss``) after the first forward +
   backward minus the peak RSS once the inputs exist; on CUDA,
   ``torch.cuda.max_memory_allocated`` minus the inputs;
@@ -17,7 +17,17 @@ memory is its own:
 Methods: ``dense`` (our reference: ``q @ k.T / t`` and ``F.cross_entropy``),
 ``chunked`` (``dist_infonce.info_nce`` with a tile edge), and, where installed,
 ``info_nce_pytorch`` (one direction) and ``open_clip`` (``ClipLoss``, symmetric).
-Modes: ``one`` (in-batch, one direction) and ``sym`` (symmetric / CLIP).
+On CUDA also ``triton`` (``info_nce(..., kernel="triton")``, the fused kernel)
+and ``inf_cl`` (Inf-CL's ``cal_inf_loss``; symmetric = its two calls, as its
+authors do). Modes: ``one`` (in-batch, one direction) and ``sym`` (symmetric / CLIP).
+
+``python -m dist_infonce.bench --device cuda`` runs the GPU sweep: bf16, D = 512
+at B = 16k..1M (each method up to the size that fits its memory and time) and
+D = 1024 at B = 64k. The achieved rate is the 4-matmul floor's flops over the
+measured time; the floor fraction is that rate over the measured matmul rate
+in the same dtype (bf16 tensor cores on CUDA). A method that runs past
+``--timeout`` at some B is not tried at larger B. ``bench.json`` is rewritten
+after every row, so a run cut short keeps what it measured.
 
 ``python -m dist_infonce.bench --world 2`` runs the distributed benchmark instead
 (the gathered loss on gloo processes, ours vs OpenCLIP; see
@@ -55,7 +65,9 @@ from dist_infonce.kernels import DEFAULT_CHUNK
 
 __all__ = ["Config", "build_grid", "format_table", "main", "measure_matmul_rate", "run_config"]
 
-METHODS = ("dense", "chunked", "info_nce_pytorch", "open_clip")
+METHODS = ("dense", "chunked", "info_nce_pytorch", "open_clip", "triton", "inf_cl")
+#: What runs on CPU: the fused kernel and Inf-CL need CUDA.
+CPU_METHODS = ("dense", "chunked", "info_nce_pytorch", "open_clip")
 MODES = ("one", "sym")
 #: Modes each method implements: info-nce-pytorch has no symmetric loss and
 #: OpenCLIP's ClipLoss is symmetric only.
@@ -64,6 +76,8 @@ METHOD_MODES: dict[str, tuple[str, ...]] = {
     "chunked": ("one", "sym"),
     "info_nce_pytorch": ("one",),
     "open_clip": ("sym",),
+    "triton": ("one", "sym"),
+    "inf_cl": ("one", "sym"),
 }
 #: Copies of the (B, B) logits a dense method keeps alive at its peak; the skip
 #: rule multiplies B * B * itemsize by this. Measured (extra RSS / (B*B*4) at
@@ -86,9 +100,15 @@ FULL_SIZES = (4096, 8192, 16384, 32768)
 FULL_CHUNKED_ONLY_SIZES = (65536, 131072)
 #: (B, D) added to the full sweep for every method and mode: a wider embedding.
 FULL_EXTRA = ((16384, 512),)
+#: The CUDA sweep (issue 9): D = 512 at these B, plus D = 1024 at GPU_EXTRA.
+GPU_SIZES = (16384, 65536, 262144, 1048576)
+GPU_DIM = 512
+GPU_EXTRA = ((65536, 1024),)
 
-#: Rows of the matmul-rate probe: (RATE_EDGE x D) @ (D x RATE_EDGE).
+#: Rows of the matmul-rate probe: (RATE_EDGE x D) @ (D x RATE_EDGE). On CUDA a
+#: 4096-edge product is too short to time well; 16384 fills an H100.
 RATE_EDGE = 4096
+RATE_EDGE_CUDA = 16384
 #: Rows of random inputs generated at a time, so that setting up the inputs
 #: leaves no large temporaries in the peak RSS the baseline is read from.
 _INPUT_BLOCK = 8192
@@ -113,6 +133,8 @@ class Config:
             one). 0 disables the cap.
         temperature: Softmax temperature (``1 / logit_scale`` for OpenCLIP).
         seed: Seed of the inputs: every method sees the same matrices.
+        variant: Triton rows only: ``"BLOCKxBLOCK_DxWARPS"`` (tile edge, D slice
+            of the backward, backward warps); None for the kernel's defaults.
     """
 
     method: str
@@ -126,11 +148,16 @@ class Config:
     budget_s: float = 0.0
     temperature: float = 0.1
     seed: int = 0
+    variant: str | None = None
 
     @property
     def label(self) -> str:
-        """Method name for tables and legends; chunked rows carry their tile edge."""
-        return f"chunked[{self.chunk}]" if self.method == "chunked" else self.method
+        """Method name for tables and legends; tiled rows carry their tile edge."""
+        if self.variant is not None:
+            return f"{self.method}[{self.variant}]"
+        if self.method in ("chunked", "triton") and self.chunk is not None:
+            return f"{self.method}[{self.chunk}]"
+        return self.method
 
 
 # ---------------------------------------------------------------------- peers
@@ -154,8 +181,14 @@ def _load_open_clip_loss() -> type[torch.nn.Module]:
     return module.ClipLoss
 
 
-def peer_missing(method: str) -> str | None:
-    """Why ``method`` cannot run here (a peer package is not installed), or None."""
+def peer_missing(method: str, device: str = "cpu") -> str | None:
+    """Why ``method`` cannot run here (a package is not installed, or it needs CUDA), or None."""
+    if method in ("triton", "inf_cl"):
+        package = {"triton": "triton", "inf_cl": "inf_cl"}[method]
+        if importlib.util.find_spec(package) is None:
+            return f"{'inf-cl' if method == 'inf_cl' else 'triton'} is not installed"
+        if device != "cuda":
+            return f"{method} is benchmarked on CUDA only"
     if method == "info_nce_pytorch" and importlib.util.find_spec("info_nce") is None:
         return "info-nce-pytorch is not installed"
     if method == "open_clip":
@@ -191,6 +224,30 @@ def _loss_fn(cfg: Config) -> LossFn:
 
         chunk = cfg.chunk
         return lambda q, k: info_nce(q, k, temperature=t, symmetric=symmetric, chunk_size=chunk)
+    if cfg.method == "triton":
+        from dist_infonce import info_nce
+        from dist_infonce.kernels import triton_lse
+
+        chunk = cfg.chunk
+        if cfg.variant is not None:
+            # This worker process runs one configuration: set the module's knobs.
+            chunk, triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS = _parse_variant(cfg.variant)
+        return lambda q, k: info_nce(
+            q, k, temperature=t, symmetric=symmetric, chunk_size=chunk, kernel="triton"
+        )
+    if cfg.method == "inf_cl":
+        cal_inf_loss = importlib.import_module("inf_cl").cal_inf_loss
+
+        def inf_cl(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            # Its logit scale multiplies q; its head_dim must divide D (<= 256).
+            scale = torch.tensor(1.0 / t, device=q.device)
+            head_dim = math.gcd(q.shape[1], 256)
+            loss = cal_inf_loss(q, k, scale=scale, head_dim=head_dim)
+            if not symmetric:
+                return loss
+            return 0.5 * (loss + cal_inf_loss(k, q, scale=scale, head_dim=head_dim))
+
+        return inf_cl
     if cfg.method == "info_nce_pytorch":
         # Imported by name: ``info_nce`` the package, not dist_infonce's function.
         peer = importlib.import_module("info_nce")
@@ -203,6 +260,28 @@ def _loss_fn(cfg: Config) -> LossFn:
 
         return clip
     raise ValueError(f"unknown method {cfg.method!r}; expected one of {METHODS}")
+
+
+def _parse_variant(text: str) -> tuple[int, int, int]:
+    """``"64x128x8"`` -> (tile edge 64, backward D slice 128, backward warps 8)."""
+    try:
+        block, block_d, warps = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected BLOCKxBLOCK_DxWARPS such as 64x128x8, got {text!r}"
+        ) from None
+    if min(block, block_d) < 16 or block & (block - 1) or block_d & (block_d - 1):
+        raise argparse.ArgumentTypeError(f"BLOCK and BLOCK_D must be powers of two >= 16: {text!r}")
+    if warps not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(f"WARPS must be 1, 2, 4, 8 or 16: {text!r}")
+    return block, block_d, warps
+
+
+def _csv_variants(text: str) -> list[str]:
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    for v in values:
+        _parse_variant(v)
+    return values
 
 
 def _make_inputs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,14 +339,16 @@ def run_config(cfg: Config) -> dict[str, Any]:
         # Fresh gradients each pass, so every pass allocates the same.
         q.grad = None
         k.grad = None
-        _sync(cfg.device)
-        t0 = time.perf_counter()
-        loss = fn(q, k)
-        loss.backward()
-        _sync(cfg.device)
-        return time.perf_counter() - t0, loss.detach()
+        with _Timer(cfg.device) as timer:
+            loss = fn(q, k)
+            loss.backward()
+        return timer.seconds, loss.detach()
 
     warmup_s, loss = step()
+    if cfg.device == "cuda":
+        # The first CUDA pass also JIT-compiles (Triton) and tunes (cuBLAS); the
+        # second one is the cost the time budget should plan with.
+        warmup_s, loss = step()
     peak = torch.cuda.max_memory_allocated() if cfg.device == "cuda" else _peak_rss_bytes()
     extra_mib = max(0, peak - base) / 2**20
     loss_value = float(loss)
@@ -291,20 +372,46 @@ def run_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+class _Timer:
+    """Seconds of the enclosed work: CUDA events on CUDA, ``perf_counter`` on CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.seconds = math.nan
+
+    def __enter__(self) -> _Timer:
+        _sync(self.device)
+        if self.device == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
 def measure_matmul_rate(dim: int, dtype: str, device: str, runs: int = 10) -> float:
-    """Best GFLOP/s of ``(RATE_EDGE x dim) @ (dim x RATE_EDGE)`` over ``runs`` runs."""
+    """Best GFLOP/s of ``(E x dim) @ (dim x E)`` over ``runs`` runs (E: RATE_EDGE[_CUDA])."""
+    edge = RATE_EDGE_CUDA if device == "cuda" else RATE_EDGE
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(RATE_EDGE, dim, generator=gen).to(device=device, dtype=DTYPES[dtype])
-    b = torch.randn(dim, RATE_EDGE, generator=gen).to(device=device, dtype=DTYPES[dtype])
+    # Random data: tensor cores run faster on zeros than on real numbers.
+    a = torch.randn(edge, dim, generator=gen).to(device=device, dtype=DTYPES[dtype])
+    b = torch.randn(dim, edge, generator=gen).to(device=device, dtype=DTYPES[dtype])
     out = a @ b
     best = math.inf
     for _ in range(runs):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * RATE_EDGE * RATE_EDGE * dim / best / 1e9
+        with _Timer(device) as timer:
+            torch.matmul(a, b, out=out)
+        best = min(best, timer.seconds)
+    return 2.0 * edge * edge * dim / best / 1e9
 
 
 def _machine_probe(dims: Sequence[int], dtype: str, device: str) -> dict[str, Any]:
@@ -428,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         type=_csv_choices(METHODS),
-        default=list(METHODS),
-        help=f"subset of {','.join(METHODS)} (peers run where installed)",
+        default=None,
+        help=f"subset of {','.join(METHODS)} (peers run where installed; default: all "
+        f"on CUDA, {','.join(CPU_METHODS)} on CPU)",
     )
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tile edge of the chunked rows")
     p.add_argument(
@@ -438,8 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="extra chunked rows per tile edge, e.g. 512,1024,2048",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument(
+        "--triton-variants",
+        type=_csv_variants,
+        default=[],
+        help="extra triton rows, each BLOCKxBLOCK_DxWARPS (tile edge, backward D slice, "
+        "backward warps), e.g. 64x128x8,64x256x16; the default kernel row always runs",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help=f"cuda: the GPU sweep (B in {GPU_SIZES}, D={GPU_DIM}, and (B, D) in {GPU_EXTRA})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="default bfloat16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up (median)")
     p.add_argument(
         "--time-budget",
@@ -461,16 +586,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder")
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default OUT/bench.png)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     return p
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the device-dependent defaults of ``--methods`` and ``--dtype`` in place."""
+    if args.methods is None:
+        args.methods = list(METHODS if args.device == "cuda" else CPU_METHODS)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
 
 
 def build_grid(args: argparse.Namespace) -> list[Config]:
     """Configurations in run order: per (D, B, mode), every method back to back, so
     that the dense reference and the kernel see the same machine load."""
+    _resolve_defaults(args)
     if args.sizes or args.dims:
         sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
         points = [(b, d, False) for d in (args.dims or [128]) for b in sizes]
+    elif args.device == "cuda":
+        points = [(b, GPU_DIM, False) for b in GPU_SIZES]
+        points += [(b, d, False) for b, d in GPU_EXTRA]
     elif args.quick:
         points = [(b, 128, False) for b in QUICK_SIZES]
     else:
@@ -494,8 +632,13 @@ def build_grid(args: argparse.Namespace) -> list[Config]:
             for method in args.methods:
                 if mode not in METHOD_MODES[method] or (chunked_only and method != "chunked"):
                     continue
+                # The fused kernel runs with its own default tile (DEFAULT_BLOCK).
                 for chunk in chunks if method == "chunked" else [None]:
                     grid.append(Config(method, mode, b, d, chunk, **common))
+                if method == "triton":
+                    for v in args.triton_variants:
+                        block = _parse_variant(v)[0]
+                        grid.append(Config(method, mode, b, d, block, **common, variant=v))
     return grid
 
 
@@ -552,6 +695,7 @@ def _add_floors(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
         r["floor_s"] = _flops(cfg) / (best[str(cfg.dim)] * 1e9)
         if r["status"] == "ok":
             r["floor_fraction"] = r["floor_s"] / r["time_s"]
+            r["achieved_gflops"] = _flops(cfg) / r["time_s"] / 1e9
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -569,9 +713,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the rows, ordered by D, B, mode, method."""
     order = {m: i for i, m in enumerate(METHODS)}
     lines = [
-        "| B | D | mode | method | time s | extra MiB | floor fraction | speedup vs dense "
-        "| GFLOP/s now | load | note |",
-        "|---:|---:|:---|:---|---:|---:|---:|---:|---:|---:|:---|",
+        "| B | D | mode | method | time s | extra MiB | achieved GFLOP/s | floor fraction "
+        "| speedup vs dense | GFLOP/s now | load | note |",
+        "|---:|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|",
     ]
     key = lambda r: (r["D"], r["B"], r["mode"], order[r["method"]], r["chunk"] or 0)
     for r in sorted(rows, key=key):
@@ -583,6 +727,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['B']} | {r['D']} | {r['mode']} | {r['label']} | "
             f"{_fmt(r.get('time_s') if ok else None, '.3g')} | "
             f"{_fmt(r.get('extra_mib') if ok else None, '.1f')} | "
+            f"{_fmt(r.get('achieved_gflops') if ok else None, '.0f')} | "
             f"{_fmt(r.get('floor_fraction') if ok else None, '.2f')} | "
             f"{_fmt(r.get('speedup_vs_dense'), '.2f')} | "
             f"{_fmt(r.get('rate_gflops') if ok else None, '.0f')} | "
@@ -717,15 +862,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     rows: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    # (method, mode, D, chunk, variant) -> the B at which it failed (timeout, OOM).
+    failed_at: dict[tuple[str, str, int, int | None, str | None], int] = {}
     for i, cfg in enumerate(grid, 1):
         row = _row(cfg)
         # Other jobs on the machine distort timings; keep the load next to each row.
         row["load_before"] = _load()
         est = dense_estimate_gib(cfg)
         row["est_dense_gib"] = est
-        missing = peer_missing(cfg.method)
+        missing = peer_missing(cfg.method, cfg.device)
+        series = (cfg.method, cfg.mode, cfg.dim, cfg.chunk, cfg.variant)
         if missing:
             row.update(status="skipped", reason=missing)
+        elif series in failed_at and cfg.batch > failed_at[series]:
+            row.update(status="skipped", reason=f"failed at B={failed_at[series]}")
         elif est is not None and est > max_gib:
             row.update(
                 status="skipped",
@@ -735,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result, why = _run_worker({"config": asdict(cfg)}, args.timeout)
             if result is None:
                 row.update(status="failed", reason=why)
+                failed_at[series] = min(cfg.batch, failed_at.get(series, cfg.batch))
             else:
                 row.update(result)
                 # Relative to the rate this worker got; the run-wide fraction
@@ -742,23 +894,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["floor_fraction_now"] = _flops(cfg) / (row["rate_gflops"] * 1e9) / row["time_s"]
         rows.append(row)
         print(_progress(i, len(grid), row), flush=True)
-    _add_speedups(rows)
-    _add_floors(rows, machine)
-    machine["load_after"] = _load()
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rows)
-    (args.out / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    (args.out / "table.md").write_text(table)
-    plotted = plot(rows, machine, args.out / "bench.png")
+        # A run killed from outside (a device lease ending) keeps what it measured.
+        partial = {"machine": machine, "rows": rows, "partial": True}
+        (args.out / "bench.json").write_text(json.dumps(partial, indent=1))
+    plot_path = args.plot or args.out / "bench.png"
+    table, plotted = write_outputs(rows, machine, args.out, plot_path)
     print()
     print(table, end="")
     print(
         f"\nload before {load_before}, after {machine['load_after']}; wrote "
         f"{args.out / 'bench.json'}, {args.out / 'table.md'}"
-        + (f", {args.out / 'bench.png'}" if plotted else " (no PNG: matplotlib missing)"),
+        + (f", {plot_path}" if plotted else " (no PNG: matplotlib missing)"),
         flush=True,
     )
     return 0
+
+
+def write_outputs(
+    rows: list[dict[str, Any]], machine: dict[str, Any], out: Path, plot_path: Path
+) -> tuple[str, bool]:
+    """Derived columns, then ``bench.json``, ``table.md`` and the PNG; returns (table, plotted).
+
+    Rows are those :func:`main` builds (``_row`` plus a worker's result, or a
+    status "skipped" / "failed" with a reason); also usable on rows read back
+    from a ``bench.json`` to redraw its table and plot.
+    """
+    _add_speedups(rows)
+    _add_floors(rows, machine)
+    machine["load_after"] = _load()
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows)
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    (out / "table.md").write_text(table)
+    return table, plot(rows, machine, plot_path)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """InfoNCE, CLIP (symmetric InfoNCE) and SimCLR's NT-Xent, local or over a global pool.
 
 Every loss here is, per row, ``logsumexp(logits of the row) - positive logit``. The
-log-sum-exp goes through :mod:`dist_infonce.kernels` (dense for small problems,
-chunked with memory O(N + M) otherwise); the positive logit is an O(N * D) dot
-product.
+log-sum-exp goes through :mod:`dist_infonce.kernels` (``kernel="auto"``: dense for
+small problems, chunked with memory O(N + M) otherwise; ``"triton"``, the fused
+kernel, on request); the positive logit is an O(N * D) dot product.
 
 The gradient convention (DESIGN.md): with ``gather=True`` each rank computes the
 loss of its own rows against the global pool, and ``reduction="mean"`` returns
@@ -33,11 +33,13 @@ from dist_infonce.dist import (
 )
 from dist_infonce.kernels import DEFAULT_CHUNK, chunked_lse, compute_dtype, dense_lse, no_autocast
 from dist_infonce.kernels.symmetric import self_lse
+from dist_infonce.kernels.triton_lse import check_triton_block, check_triton_inputs, triton_lse
 
 __all__ = ["InfoNCE", "NTXent", "info_nce", "nt_xent"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 _NEGATIVE_MODES = ("unpaired", "paired")
+_KERNELS = ("auto", "dense", "chunked", "triton")
 # chunk_size=None materialises the logits up to this many elements (16 MiB of
 # float32 per copy; dense autograd keeps about four copies) and tiles above it.
 _DENSE_MAX_ELEMENTS = 2048 * 2048
@@ -87,13 +89,28 @@ def _check_rows(name: str, n: int, gather: bool) -> None:
         raise ValueError(f"{name} must have at least one row, got 0 (empty batch)")
 
 
-def _check_options(reduction: object, chunk_size: object) -> None:
+def _check_options(reduction: object, chunk_size: object, kernel: object = "auto") -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if not isinstance(kernel, str) or kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+    if kernel == "dense" and chunk_size is not None:
+        raise ValueError(
+            f"chunk_size is the tile edge of the tiled kernels; kernel='dense' takes none, "
+            f"got chunk_size={chunk_size}"
+        )
+    if kernel == "triton":
+        check_triton_block(chunk_size)  # type: ignore[arg-type]
+
+
+def _check_kernel_inputs(kernel: str, x: torch.Tensor) -> None:
+    """Refuse, before any collective, inputs the chosen kernel cannot take."""
+    if kernel == "triton":
+        check_triton_inputs(x)
 
 
 def _check_temperature(temperature: object) -> None:
@@ -210,13 +227,23 @@ def _lse(
     inv_temp: torch.Tensor,
     chunk_size: int | None,
     *,
+    kernel: str = "auto",
     extra: torch.Tensor | None = None,
     mask_idx: torch.Tensor | None = None,
     cols: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if kernel == "triton":
+        return triton_lse(
+            a, b, inv_temp, extra=extra, mask_idx=mask_idx, cols=cols, chunk_size=chunk_size
+        )
+    # "auto" never picks triton: it becomes the CUDA default only once the device
+    # benchmark shows it faster (issue 9).
+    dense = kernel == "dense" or (
+        kernel == "auto" and chunk_size is None and a.shape[0] * b.shape[0] <= _DENSE_MAX_ELEMENTS
+    )
+    if dense:
+        return dense_lse(a, b, inv_temp, extra=extra, mask_idx=mask_idx, cols=cols)
     if chunk_size is None:
-        if a.shape[0] * b.shape[0] <= _DENSE_MAX_ELEMENTS:
-            return dense_lse(a, b, inv_temp, extra=extra, mask_idx=mask_idx, cols=cols)
         chunk_size = DEFAULT_CHUNK
     return chunked_lse(
         a, b, inv_temp, extra=extra, mask_idx=mask_idx, cols=cols, chunk_size=chunk_size
@@ -299,6 +326,8 @@ def _info_nce_body(
     gather: bool,
     group: ProcessGroup | None,
     labels: torch.Tensor | None = None,
+    *,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     q, k, neg = query, positive_key, negative_keys
     if normalize:
@@ -325,11 +354,19 @@ def _info_nce_body(
             global_rows = sum(info.counts)
         else:
             global_rows = n
-        lse, _ = _lse(q, neg, inv_temp, chunk_size, extra=pos)
+        lse, _ = _lse(q, neg, inv_temp, chunk_size, kernel=kernel, extra=pos)
         losses = lse - pos
     elif symmetric:
         losses, global_rows = _symmetric(
-            q, k, inv_temp, chunk_size, distributed, group, labels, normalized=normalize
+            q,
+            k,
+            inv_temp,
+            chunk_size,
+            distributed,
+            group,
+            labels,
+            normalized=normalize,
+            kernel=kernel,
         )
     else:
         if distributed:
@@ -337,7 +374,7 @@ def _info_nce_body(
             global_rows, offset = info.total, info.offset
         else:
             kp, global_rows, offset = k, n, 0
-        lse, _ = _lse(q, kp, inv_temp, chunk_size)
+        lse, _ = _lse(q, kp, inv_temp, chunk_size, kernel=kernel)
         if labels is None:
             pos = _dot(q, k, inv_temp)
         else:
@@ -360,6 +397,7 @@ def _symmetric(
     labels: torch.Tensor | None,
     *,
     normalized: bool,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, int]:
     """Row losses of the CLIP loss (both directions) and the global row count.
 
@@ -382,7 +420,7 @@ def _symmetric(
     else:
         qp, kp, info = q, k, None
     offset = info.offset if info is not None else 0
-    lse_q, col_lse = _lse(q, kp, inv_temp, chunk_size, cols=True)
+    lse_q, col_lse = _lse(q, kp, inv_temp, chunk_size, kernel=kernel, cols=True)
     if info is not None:
         # Unit vectors bound every logit by t: one all-reduce of plain sums.
         bound = float(inv_temp.detach()) if normalized else None
@@ -409,6 +447,8 @@ def _nt_xent_body(
     gather: bool,
     group: ProcessGroup | None,
     labels: torch.Tensor | None = None,
+    *,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     if normalize:
         z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
@@ -426,12 +466,15 @@ def _nt_xent_body(
     # Each view leaves out its own column (self-similarity); its pair stays in.
     own = torch.arange(offset, offset + n, device=z1.device)
     own = torch.cat([own, own + total])
-    if not distributed and (chunk_size is not None or 4 * n * n > _DENSE_MAX_ELEMENTS):
+    tiled = kernel == "chunked" or (
+        kernel == "auto" and (chunk_size is not None or 4 * n * n > _DENSE_MAX_ELEMENTS)
+    )
+    if tiled and not distributed:
         # Locally the 2N x 2N matrix is symmetric: each tile serves its rows and,
         # transposed, its columns' rows (half the tiles of the general kernel).
         lse = self_lse(rows, inv_temp, chunk_size or DEFAULT_CHUNK)
     else:
-        lse, _ = _lse(rows, pool, inv_temp, chunk_size, mask_idx=own)
+        lse, _ = _lse(rows, pool, inv_temp, chunk_size, kernel=kernel, mask_idx=own)
     if labels is None:
         pos = _dot(z1, z2, inv_temp).repeat(2)
     else:
@@ -447,14 +490,14 @@ def _nt_xent_body(
     return _reduce(lse - pos, reduction, 2 * total, world)
 
 
-def _info_nce(query: torch.Tensor, *args: object) -> torch.Tensor:
+def _info_nce(query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     with no_autocast(query.device):
-        return _info_nce_body(query, *args)  # type: ignore[arg-type]
+        return _info_nce_body(query, *args, **kwargs)  # type: ignore[arg-type]
 
 
-def _nt_xent(z1: torch.Tensor, *args: object) -> torch.Tensor:
+def _nt_xent(z1: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     with no_autocast(z1.device):
-        return _nt_xent_body(z1, *args)  # type: ignore[arg-type]
+        return _nt_xent_body(z1, *args, **kwargs)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------- public API
@@ -471,6 +514,7 @@ def info_nce(
     symmetric: bool = False,
     normalize: bool = True,
     chunk_size: int | None = None,
+    kernel: str = "auto",
     gather: bool = False,
     group: ProcessGroup | None = None,
     labels: torch.Tensor | None = None,
@@ -497,6 +541,13 @@ def info_nce(
         normalize: L2-normalise the inputs first (info-nce-pytorch always does).
         chunk_size: None picks the chunked kernel when the logits would not fit a
             small budget; an int forces tiles of that edge (memory O(chunk^2)).
+        kernel: the log-sum-exp over the pool. "auto" (dense when small, chunked
+            otherwise; an int ``chunk_size`` forces chunked), "dense" (the full
+            logits, autograd), "chunked" (pure-torch tiles) or "triton" (fused
+            Triton kernels; CUDA tensors of float32/bfloat16/float16, or CPU
+            tensors under ``TRITON_INTERPRET=1``; ``chunk_size`` a power of two
+            >= 16). All give the same result within float rounding. Paired
+            negatives need no pool and ignore it.
         gather: build the pool from every rank with :func:`all_gather_with_grad`:
             positive keys (and, symmetric, queries) or unpaired negatives of all
             ranks; paired negatives stay local. Each rank returns the loss of its
@@ -519,22 +570,25 @@ def info_nce(
     Raises:
         ValueError: naming the argument, for wrong shapes or ranks, mismatched D,
             dtype or device, an empty batch, a temperature that is not a positive
-            finite number, an unknown ``reduction`` or ``negative_mode``, a bad
-            ``chunk_size``, ``symmetric=True`` with ``negative_keys``, or ``labels``
+            finite number, an unknown ``reduction``, ``negative_mode`` or
+            ``kernel``, a bad ``chunk_size``, ``symmetric=True`` with
+            ``negative_keys``, inputs ``kernel="triton"`` cannot take, or ``labels``
             that are not an int64 tensor of shape (N,) on the query's device, or
             given with ``negative_keys``.
+        ImportError: ``kernel="triton"`` without triton installed.
 
     Example:
         >>> loss = info_nce(img_emb, txt_emb, temperature=0.07, symmetric=True, gather=True)
     """
-    _check_options(reduction, chunk_size)
+    _check_options(reduction, chunk_size, kernel)
     _check_info_nce_inputs(query, positive_key, negative_keys, negative_mode, symmetric, gather)
     _check_labels(labels, query, "query", negative_keys)
+    _check_kernel_inputs(kernel, query)
     _check_temperature(temperature)
     inv_temp = _inverse_temperature(temperature, query)
     return _info_nce(
         query, positive_key, negative_keys, inv_temp, reduction, negative_mode,
-        symmetric, normalize, chunk_size, gather, group, labels,
+        symmetric, normalize, chunk_size, gather, group, labels, kernel=kernel,
     )  # fmt: skip
 
 
@@ -557,6 +611,7 @@ def nt_xent(
     reduction: str = "mean",
     normalize: bool = True,
     chunk_size: int | None = None,
+    kernel: str = "auto",
     gather: bool = False,
     group: ProcessGroup | None = None,
     labels: torch.Tensor | None = None,
@@ -575,6 +630,7 @@ def nt_xent(
             z1 rows then the z2 rows).
         normalize: L2-normalise the views first (cosine similarity, as in SimCLR).
         chunk_size: as in :func:`info_nce`.
+        kernel: as in :func:`info_nce`.
         gather: pool the views of every rank; same gradient convention as
             :func:`info_nce`.
         group: process group for ``gather``.
@@ -587,18 +643,23 @@ def nt_xent(
 
     Raises:
         ValueError: naming the argument, for bad shapes, mismatched D, dtype or
-            device, an empty batch, a bad temperature, reduction or chunk_size, or
-            ``labels`` that are not an int64 tensor of shape (N,) on z1's device.
+            device, an empty batch, a bad temperature, reduction, chunk_size or
+            kernel, inputs ``kernel="triton"`` cannot take, or ``labels`` that are
+            not an int64 tensor of shape (N,) on z1's device.
+        ImportError: ``kernel="triton"`` without triton installed.
 
     Example:
         >>> loss = nt_xent(proj(aug1(x)), proj(aug2(x)), temperature=0.5, gather=True)
     """
-    _check_options(reduction, chunk_size)
+    _check_options(reduction, chunk_size, kernel)
     _check_nt_xent_inputs(z1, z2, gather)
     _check_labels(labels, z1, "z1", None)
+    _check_kernel_inputs(kernel, z1)
     _check_temperature(temperature)
     inv_temp = _inverse_temperature(temperature, z1)
-    return _nt_xent(z1, z2, inv_temp, reduction, normalize, chunk_size, gather, group, labels)
+    return _nt_xent(
+        z1, z2, inv_temp, reduction, normalize, chunk_size, gather, group, labels, kernel=kernel
+    )
 
 
 # -------------------------------------------------------------------------- modules
@@ -648,8 +709,8 @@ class InfoNCE(_TemperatureModule):
 
     Args:
         temperature: initial (``learn_temperature``) or fixed temperature.
-        reduction, negative_mode, symmetric, normalize, chunk_size, gather, group:
-            as in :func:`info_nce`.
+        reduction, negative_mode, symmetric, normalize, chunk_size, kernel, gather,
+            group: as in :func:`info_nce`.
         learn_temperature: own a learnable temperature, parametrised as
             ``logit_scale = log(1 / temperature)`` and clamped to 1/temperature <= 100
             (CLIP). Under DDP its gradient follows the same convention as every
@@ -673,12 +734,13 @@ class InfoNCE(_TemperatureModule):
         symmetric: bool = False,
         normalize: bool = True,
         chunk_size: int | None = None,
+        kernel: str = "auto",
         gather: bool = False,
         group: ProcessGroup | None = None,
         learn_temperature: bool = False,
     ) -> None:
         super().__init__(temperature, learn_temperature)
-        _check_options(reduction, chunk_size)
+        _check_options(reduction, chunk_size, kernel)
         if negative_mode not in _NEGATIVE_MODES:
             raise ValueError(
                 f"negative_mode must be one of {_NEGATIVE_MODES}, got {negative_mode!r}"
@@ -688,6 +750,7 @@ class InfoNCE(_TemperatureModule):
         self.symmetric = symmetric
         self.normalize = normalize
         self.chunk_size = chunk_size
+        self.kernel = kernel
         self.gather = gather
         self.group = group
 
@@ -708,17 +771,19 @@ class InfoNCE(_TemperatureModule):
             query, positive_key, negative_keys, self.negative_mode, self.symmetric, self.gather
         )
         _check_labels(labels, query, "query", negative_keys)
+        _check_kernel_inputs(self.kernel, query)
         return _info_nce(
             query, positive_key, negative_keys, self._inv_temp(query), self.reduction,
             self.negative_mode, self.symmetric, self.normalize, self.chunk_size,
-            self.gather, self.group, labels,
+            self.gather, self.group, labels, kernel=self.kernel,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"temperature={float(self.temperature.detach()):.4g}, learn_temperature={self.learn_temperature}, "
             f"reduction={self.reduction!r}, negative_mode={self.negative_mode!r}, "
-            f"symmetric={self.symmetric}, chunk_size={self.chunk_size}, gather={self.gather}"
+            f"symmetric={self.symmetric}, chunk_size={self.chunk_size}, kernel={self.kernel!r}, "
+            f"gather={self.gather}"
         )
 
 
@@ -739,15 +804,17 @@ class NTXent(_TemperatureModule):
         reduction: str = "mean",
         normalize: bool = True,
         chunk_size: int | None = None,
+        kernel: str = "auto",
         gather: bool = False,
         group: ProcessGroup | None = None,
         learn_temperature: bool = False,
     ) -> None:
         super().__init__(temperature, learn_temperature)
-        _check_options(reduction, chunk_size)
+        _check_options(reduction, chunk_size, kernel)
         self.reduction = reduction
         self.normalize = normalize
         self.chunk_size = chunk_size
+        self.kernel = kernel
         self.gather = gather
         self.group = group
 
@@ -760,13 +827,15 @@ class NTXent(_TemperatureModule):
         """
         _check_nt_xent_inputs(z1, z2, self.gather)
         _check_labels(labels, z1, "z1", None)
+        _check_kernel_inputs(self.kernel, z1)
         return _nt_xent(
             z1, z2, self._inv_temp(z1), self.reduction, self.normalize, self.chunk_size,
-            self.gather, self.group, labels,
+            self.gather, self.group, labels, kernel=self.kernel,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"temperature={float(self.temperature.detach()):.4g}, learn_temperature={self.learn_temperature}, "
-            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, gather={self.gather}"
+            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, kernel={self.kernel!r}, "
+            f"gather={self.gather}"
         )

@@ -8,8 +8,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from dist_infonce.bench import Config, build_grid, build_parser, dense_estimate_gib, run_config
+from dist_infonce.bench import (
+    CPU_METHODS,
+    GPU_DIM,
+    GPU_EXTRA,
+    GPU_SIZES,
+    METHODS,
+    Config,
+    _row,
+    build_grid,
+    build_parser,
+    dense_estimate_gib,
+    main,
+    peer_missing,
+    run_config,
+    write_outputs,
+)
 
 
 @pytest.mark.parametrize("mode", ["one", "sym"])
@@ -78,3 +94,85 @@ def test_cli_rejects_unknown_method() -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["--methods", "dense,fast"])
     assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------ GPU sweep
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_gpu_grid_and_cpu_defaults() -> None:
+    grid = build_grid(build_parser().parse_args(["--device", "cuda"]))
+    assert {c.dtype for c in grid} == {"bfloat16"} and {c.device for c in grid} == {"cuda"}
+    assert {(c.batch, c.dim) for c in grid} == {(b, GPU_DIM) for b in GPU_SIZES} | set(GPU_EXTRA)
+    assert {c.method for c in grid} == set(METHODS)
+    assert {c.mode for c in grid if c.method in ("triton", "inf_cl")} == {"one", "sym"}
+    # Dense B x B logits at B = 256k in bf16 cannot fit an 80 GB GPU: skipped by estimate.
+    assert dense_estimate_gib(Config("dense", "sym", 262144, 512, None, "bfloat16")) > 80
+    cpu = build_grid(build_parser().parse_args(["--quick"]))
+    assert {c.method for c in cpu} <= set(CPU_METHODS) and {c.dtype for c in cpu} == {"float32"}
+    assert peer_missing("triton", "cpu") is not None and peer_missing("inf_cl", "cpu") is not None
+
+
+def _synthetic_rows() -> list[dict]:
+    # Rows shaped as main() builds them, with made-up measurements: the writer's
+    # derived columns are checked against their definitions, not fixed numbers.
+    rows = []
+    for i, method in enumerate(("dense", "chunked", "triton", "inf_cl")):
+        cfg = Config(method, "sym", 16384, 512, None, "bfloat16", "cuda")
+        row = _row(cfg)
+        row.update(
+            time_s=0.01 * (4 - i), times_s=[0.01 * (4 - i)], warmup_s=0.5, repeats_used=3,
+            extra_mib=100.0 * (4 - i), loss=9.7, rate_gflops=600_000.0 + i, load_before=[0.1],
+        )  # fmt: skip
+        rows.append(row)
+    skipped = _row(Config("dense", "sym", 262144, 512, None, "bfloat16", "cuda"))
+    skipped.update(status="skipped", reason="dense estimate 512.0 GiB > --max-dense-gib 64.0")
+    failed = _row(Config("inf_cl", "sym", 1048576, 512, None, "bfloat16", "cuda"))
+    failed.update(status="failed", reason="timeout after 90 s")
+    return [*rows, skipped, failed]
+
+
+def test_writer_derives_rates_and_writes_table_json_png(tmp_path: Path) -> None:
+    rows = _synthetic_rows()
+    machine = {
+        "matmul_gflops": {"512": 550_000.0}, "device_name": "a GPU", "dtype": "bfloat16",
+        "threads": 16,
+    }  # fmt: skip
+    table, plotted = write_outputs(rows, machine, tmp_path, tmp_path / "bench_gpu.png")
+    best_rate = 600_003.0  # the best of the probe and every row's own rate
+    for r in rows[:4]:
+        flops = 4 * 2.0 * r["B"] * r["B"] * r["D"]
+        assert r["achieved_gflops"] == pytest.approx(flops / r["time_s"] / 1e9)
+        assert r["floor_fraction"] == pytest.approx(r["achieved_gflops"] / best_rate)
+        assert r["speedup_vs_dense"] == pytest.approx(rows[0]["time_s"] / r["time_s"])
+        assert f"| 16384 | 512 | sym | {r['label']} | {r['time_s']:.3g} |" in table
+    assert "skipped: dense estimate 512.0 GiB" in table and "failed: timeout after 90 s" in table
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["rows"]) == len(rows) and (tmp_path / "table.md").read_text() == table
+    assert plotted and (tmp_path / "bench_gpu.png").stat().st_size > 0
+
+
+def test_triton_variants_become_rows_and_set_the_kernel_knobs() -> None:
+    from dist_infonce.bench import _loss_fn
+    from dist_infonce.kernels import triton_lse
+
+    args = ["--device", "cuda", "--sizes", "16384", "--triton-variants", "64x256x16,32X64x4"]
+    grid = build_grid(build_parser().parse_args(args))
+    labels = {c.label for c in grid if c.method == "triton"}
+    assert labels == {"triton", "triton[64x256x16]", "triton[32x64x4]"}
+    saved = triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS
+    try:
+        _loss_fn(Config("triton", "one", 256, 16, 32, variant="32x64x4"))
+        assert (triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS) == (64, 4)
+    finally:
+        triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS = saved
+    for bad in ("64x100x8", "64x128", "8x128x8", "64x128x3"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--triton-variants", bad])

@@ -1,4 +1,5 @@
-"""Loss kernels. ``chunked`` is pure torch (CPU and CUDA); a fused Triton kernel may follow."""
+"""Loss kernels. ``chunked`` is pure torch (CPU and CUDA); ``triton_lse`` is the fused
+Triton kernel (CUDA; imports triton only when it runs, so it is not re-exported here)."""
 
 from dist_infonce.kernels.chunked import (
     DEFAULT_CHUNK,
