@@ -4,6 +4,7 @@ micro-batch forwards (dropout replayed, BatchNorm buffers, towers, scalars, scal
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,8 @@ def run_both(
     # The generators end where the plain forwards leave them.
     assert torch.equal(rng_after, torch.get_rng_state())
     assert record_error("cache: loss vs plain (float64)", loss, ref) < 1e-12
+    if not isinstance(loss_fn, nn.Module):
+        return [model, loss_fn], [ref_model, ref_loss_fn], loss, ref  # type: ignore[return-value]
     return (
         nn.ModuleList([model, loss_fn]),
         nn.ModuleList([ref_model, ref_loss_fn]),
@@ -274,3 +277,14 @@ def test_bad_outputs() -> None:
         cached_backward(lambda a: a, lambda z: z, x0, 2)
     with pytest.raises(ValueError, match=r"model .* must return a Tensor or a tuple"):
         cached_backward(lambda a: [1, 2], lambda z: z, x0, 2)
+
+
+def test_loss_module_behind_partial_with_labels() -> None:
+    """SupCon labels bound with functools.partial: the module (and its temperature)
+    is still found; gradients equal plain autograd."""
+    labels = torch.tensor([3, 1, 3, 2, 1, 3, 7, 2, 2])
+    loss_fn = functools.partial(InfoNCE(0.2, learn_temperature=True).double(), labels=labels)
+    got, ref, *_ = run_both(TwoTower, loss_fn, data(9), 4)
+    compare("cache: grads vs plain, labels (float64)", got[0], ref[0])
+    t_got, t_ref = got[1].func.logit_scale.grad, ref[1].func.logit_scale.grad
+    assert record_error("cache: grads vs plain, labels (float64)", t_got, t_ref) < 1e-12
