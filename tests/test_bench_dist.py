@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_infonce.bench import peer_missing
 from dist_infonce.bench_dist import collective_bytes
 
 
@@ -37,14 +38,16 @@ def test_world_2_cli_rows(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((tmp_path / "bench_dist.json").read_text())
     rows = {(r["method"], r["mode"]): r for r in data["rows"]}
-    assert set(rows) == {
-        ("ours", "one"), ("ours", "sym"), ("ours_two_calls", "sym"), ("open_clip", "sym")
-    }  # fmt: skip
+    # OpenCLIP is a peer, not a dependency: CI installs it (.ci/run); a plain
+    # `pip install -e ".[dev]"` does not, and its rows are then absent.
+    peer = peer_missing("open_clip") is None
+    ours = {("ours", "one"), ("ours", "sym"), ("ours_two_calls", "sym")}
+    assert set(rows) == (ours | {("open_clip", "sym")} if peer else ours)
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["time_s"] > 0 and row["world"] == 2
     # Every symmetric method computes the same loss on the same inputs.
-    ref = rows[("open_clip", "sym")]["loss"]
+    ref = rows[("open_clip", "sym") if peer else ("ours_two_calls", "sym")]["loss"]
     for key in [("ours", "sym"), ("ours_two_calls", "sym")]:
         assert abs(rows[key]["loss"] - ref) <= 1e-5 * abs(ref), key
     tower = b * d * 4  # one rank's rows of one tower, float32
@@ -58,6 +61,7 @@ def test_world_2_cli_rows(tmp_path: Path) -> None:
     sym_bytes = rows[("ours", "sym")]["sent_mib"] * 2**20
     assert 2 * tower < sym_bytes < 2 * tower + 4 * 2 * b * 4 + 200
     assert rows[("ours_two_calls", "sym")]["sent_mib"] * 2**20 >= 4 * tower
-    assert rows[("open_clip", "sym")]["sent_mib"] * 2**20 == 4 * tower
+    if peer:
+        assert rows[("open_clip", "sym")]["sent_mib"] * 2**20 == 4 * tower
     table = (tmp_path / "table_dist.md").read_text()
     assert f"| 2 | {b} | {d} | ours | sym |" in table and table in proc.stdout
