@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dist_infonce.bench import _csv_choices, _csv_ints
+
 __all__ = ["main"]
 
 TASKS = {
@@ -98,7 +100,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
 
     def step(batch: int) -> float:
         cfg.train.batch_size = batch
-        x0, x1 = _sample(data, cfg, step=0, rank=rank, micro=0)
+        x0, x1, _labels = _sample(data, cfg, step=0, rank=rank, micro=0)
         dist.barrier()
         t0 = time.perf_counter()
         if micro is None:
@@ -260,32 +262,15 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
 # ----------------------------------------------------------------------------- main
 
 
-def _csv(kind: type, choices: Sequence[str] | None = None) -> Any:
-    def parse(text: str) -> list[Any]:
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated values, got {text!r}"
-            ) from None
-        if not values or (choices and any(v not in choices for v in values)):
-            raise argparse.ArgumentTypeError(
-                f"expected a subset of {', '.join(choices or [])}, got {text!r}"
-            )
-        if kind is int and min(values) < 1:
-            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-        return values
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dist_infonce.bench_cache",
         description="One trainer step, gradient caching vs none: peak memory and time per sample.",
     )
-    p.add_argument("--sizes", type=_csv(int), default=list(SIZES), help="global batches")
-    p.add_argument("--tasks", type=_csv(str, tuple(TASKS)), default=list(TASKS), help="digits,clip")
+    p.add_argument("--sizes", type=_csv_ints, default=list(SIZES), help="global batches")
+    p.add_argument(
+        "--tasks", type=_csv_choices(tuple(TASKS)), default=list(TASKS), help="digits,clip"
+    )
     p.add_argument("--micro", type=int, default=256, help="rows per encoder pass when cached")
     p.add_argument("--world", type=int, default=2, help="gloo processes per row")
     p.add_argument(
@@ -358,7 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if plot(rows, args.plot, title):
         print(f"plot: {args.plot}", file=sys.stderr)
-    return 0
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} row(s) failed: {failed[0]['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
