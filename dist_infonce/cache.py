@@ -26,15 +26,19 @@ Entry point: :func:`cached_backward`.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.nn.parallel import DistributedDataParallel
+
+from dist_infonce.dist import _comm_device
 
 __all__ = ["cached_backward"]
 
@@ -54,12 +58,14 @@ class _Tower:
 
     @property
     def ddp(self) -> DistributedDataParallel | None:
-        return self.fn if isinstance(self.fn, DistributedDataParallel) else None
+        return _as_ddp(self.fn)
 
     @property
     def module(self) -> nn.Module | None:
-        """The module behind the callable (DDP unwrapped; a bound method's owner)."""
-        fn = self.fn.module if isinstance(self.fn, DistributedDataParallel) else self.fn
+        """The module behind the callable (DDP and torch.compile unwrapped; a bound
+        method's owner)."""
+        ddp = self.ddp
+        fn = ddp.module if ddp is not None else getattr(self.fn, "_orig_mod", self.fn)
         if isinstance(fn, nn.Module):
             return fn
         owner = getattr(fn, "__self__", None)
@@ -76,17 +82,28 @@ class _Tower:
         return any(p.requires_grad for p in module.parameters())
 
 
+def _as_ddp(fn: object) -> DistributedDataParallel | None:
+    """The DDP model ``fn`` is, also under ``torch.compile``; None for anything else.
+
+    A DDP model hidden inside a lambda or wrapper function cannot be seen: it would
+    run without ``no_sync`` (every micro-batch all-reduces). Pass it as it is.
+    """
+    fn = getattr(fn, "_orig_mod", fn)
+    return fn if isinstance(fn, DistributedDataParallel) else None
+
+
 # --------------------------------------------------------------------------- checks
 
 
 def _check_micro_batch_size(micro_batch_size: object) -> int:
-    if (
-        isinstance(micro_batch_size, bool)
-        or not isinstance(micro_batch_size, int)
-        or micro_batch_size < 1
-    ):
+    value = None
+    if not isinstance(micro_batch_size, bool):
+        # operator.index: Python and NumPy integers, 0-dim integer tensors.
+        with suppress(TypeError):
+            value = operator.index(micro_batch_size)  # type: ignore[arg-type]
+    if value is None or value < 1:
         raise ValueError(f"micro_batch_size must be an int >= 1, got {micro_batch_size!r}")
-    return micro_batch_size
+    return value
 
 
 def _as_inputs(name: str, inputs: object) -> tuple[torch.Tensor, ...]:
@@ -190,14 +207,34 @@ def _replayed_rng(
 # --------------------------------------------------------------------------- buffers
 
 
-def _buffers(towers: Sequence[_Tower]) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
+def _buffer_slots(towers: Sequence[_Tower]) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Every buffer of the towers' modules, with the module and name that hold it."""
+    slots: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
     for t in towers:
         module = t.module
-        if module is not None:
-            for b in module.buffers():
-                seen.setdefault(id(b), b)
-    return list(seen.values())
+        for mod in module.modules() if module is not None else ():
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    slots.setdefault((id(mod), name), (mod, name, b))
+    return list(slots.values())
+
+
+@contextmanager
+def _buffers_untouched(towers: Sequence[_Tower]) -> Iterator[None]:
+    """On exit, every buffer holds its value (and tensor) from the entry.
+
+    Pass 1 must leave no trace: pass 2 then updates running statistics once per
+    micro-batch and sees, micro-batch by micro-batch, the buffers pass 1 saw. A
+    forward that reassigns a buffer (``self.center = ...``) rather than updating it
+    in place gets its original tensor back too (DDP broadcasts that one).
+    """
+    slots = _buffer_slots(towers)
+    saved = [b.detach().clone() for _, _, b in slots]
+    yield
+    with torch.no_grad():
+        for (mod, name, original), value in zip(slots, saved, strict=True):
+            mod._buffers[name] = original
+            original.copy_(value)
 
 
 def _broadcast_buffers(ddp: DistributedDataParallel) -> None:
@@ -205,12 +242,15 @@ def _broadcast_buffers(ddp: DistributedDataParallel) -> None:
 
     DDP (``broadcast_buffers=True``) overwrites every rank's buffers with rank 0's at
     the start of a forward that follows a synced one. Pass 1 bypasses DDP (it has
-    nothing to reduce), so without this, pass 1 would see this rank's buffers and pass
-    2 rank 0's. Sending them first makes both passes see rank 0's; DDP's own send in
-    pass 2 then carries the same values. One send per dtype, on every rank.
+    nothing to reduce), so the send happens here, before both passes see the buffers.
+    DDP's own send at the first forward of pass 2 would carry the same values again
+    (pass 1 restores them), so it is switched off; the synced forward at the end of
+    pass 2 re-arms it for the next step. One send per dtype, on every rank.
     """
     if not ddp.will_sync_module_buffers():
         return
+    # What DDP's own post-forward sets after a no-grad or no_sync forward.
+    ddp.require_forward_param_sync = False
     group = ddp.process_group
     src = dist.get_global_rank(group, 0)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -226,25 +266,63 @@ def _broadcast_buffers(ddp: DistributedDataParallel) -> None:
                 offset += b.numel()
 
 
-def _agree_nonempty(towers: Sequence[_Tower]) -> None:
-    """Under DDP, every rank learns whether some rank has an empty batch (no hang).
+def _agreement_group(model: object, loss_fn: object) -> tuple[bool, ProcessGroup | None]:
+    """Whether every rank of a group is known to be in this call, and that group.
 
-    A rank with no rows cannot run the synced forward/backward DDP needs; if it
-    raised alone, the others would wait in the loss's gather until the timeout.
+    A DDP model or a gathering loss (``gather=True``) run collectives on every rank
+    anyway; there one tiny all-gather first lets all ranks fail together on bad input
+    (a rank that raised alone would leave the others waiting in a collective).
+    Otherwise the ranks may call this independently, and nothing is exchanged.
     """
-    ddp = next((t.ddp for t in towers if t.ddp is not None), None)
-    if ddp is None or not dist.is_initialized() or dist.get_world_size(ddp.process_group) == 1:
-        return
-    group = ddp.process_group
-    device = next(ddp.module.parameters()).device if dist.get_backend(group) == "nccl" else "cpu"
-    rows = torch.tensor([min(t.inputs[0].shape[0] for t in towers)], device=device)
-    counts = [torch.zeros_like(rows) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, rows, group=group)
-    empty = [r for r, c in enumerate(counts) if int(c) == 0]
+    if not dist.is_available() or not dist.is_initialized():
+        return False, None
+    fns = model if isinstance(model, list | tuple) else [model]
+    ddp = next((d for d in map(_as_ddp, fns) if d is not None), None)
+    if ddp is not None:
+        group = ddp.process_group
+    elif getattr(_loss_module(loss_fn), "gather", False):
+        group = getattr(_loss_module(loss_fn), "group", None)
+    else:
+        return False, None
+    return dist.get_world_size(group) > 1, group
+
+
+def _agree(
+    towers: list[_Tower] | None,
+    error: ValueError | None,
+    micro: int,
+    group: ProcessGroup | None,
+) -> None:
+    """Every rank raises if any rank has bad or empty input, or, with SyncBatchNorm
+    (one collective per forward), a different number of micro-batches."""
+    rows = min((t.inputs[0].shape[0] for t in towers), default=0) if towers else 0
+    calls = sum(-(-t.inputs[0].shape[0] // micro) for t in towers) if towers else 0
+    device = _comm_device(torch.empty(0), group)
+    mine = torch.tensor([int(error is not None), rows, calls], device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    bad = [r for r, v in enumerate(everyone) if int(v[0])]
+    if error is not None:
+        raise error
+    if bad:
+        raise ValueError(
+            f"cached_backward: rank(s) {bad} of the group passed invalid inputs (see their "
+            "error); every rank stops here rather than waiting in a collective"
+        )
+    empty = [r for r, v in enumerate(everyone) if int(v[1]) == 0]
     if empty:
         raise ValueError(
-            f"inputs is an empty batch (B = 0) on rank(s) {empty} of the DDP group; "
+            f"inputs is an empty batch (B = 0) on rank(s) {empty} of the group; "
             "cached_backward needs B >= 1 on every rank"
+        )
+    counts = [int(v[2]) for v in everyone]
+    modules = [t.module for t in towers or [] if t.module is not None]
+    sync_bn = any(isinstance(m, nn.SyncBatchNorm) for mod in modules for m in mod.modules())
+    if sync_bn and len(set(counts)) > 1:
+        raise ValueError(
+            f"micro_batch_size: SyncBatchNorm runs a collective in every forward, and ranks "
+            f"would make {counts} model calls; give every rank the same number of "
+            "micro-batches (equal local batches) or convert SyncBatchNorm to BatchNorm"
         )
 
 
@@ -276,20 +354,23 @@ def _averaged_over_ranks(params: Sequence[nn.Parameter], group: Any) -> Iterator
     if not params or not dist.is_initialized() or dist.get_world_size(group) == 1:
         yield
         return
-    before = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    yield
-    added = [
-        torch.zeros_like(p) if p.grad is None else p.grad - (0 if b is None else b)
-        for p, b in zip(params, before, strict=True)
-    ]
+    # Set earlier gradients aside so that the block's part is exact, not a difference.
+    before = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        added = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        for p, b in zip(params, before, strict=True):
+            p.grad = b
     flat = torch.cat([a.reshape(-1) for a in added])
-    if dist.get_backend(group) != "nccl" and flat.is_cuda:
-        flat = flat.cpu()
+    flat = flat.to(_comm_device(flat, group))  # NCCL: a CPU logit scale goes to CUDA
     dist.all_reduce(flat, group=group)
-    flat = flat.to(params[0].device) / dist.get_world_size(group)
+    flat /= dist.get_world_size(group)
     offset = 0
     for p, b in zip(params, before, strict=True):
-        avg = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        avg = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
         p.grad = avg if b is None else b + avg
         offset += p.numel()
 
@@ -327,8 +408,9 @@ def cached_backward(
             returns a Tensor or a tuple of Tensors with one row per input row. A 0-dim
             output (a per-batch scalar such as OpenCLIP's ``logit_scale.exp()``) must
             be the same in every micro-batch: the loss gets it once and its gradient is
-            back-propagated once, in the last micro-batch. May be DDP-wrapped: its
-            gradients are then all-reduced once per call (``no_sync`` on every
+            back-propagated once, in the last micro-batch. May be DDP-wrapped (also
+            under ``torch.compile``; not hidden in a lambda, which this cannot see):
+            its gradients are then all-reduced once per call (``no_sync`` on every
             micro-batch but the last, also when ranks hold different numbers of rows).
             A sequence of callables (towers) runs each on its own entry of ``inputs``
             (their row counts may differ); a tower without trainable parameters (and
@@ -336,8 +418,8 @@ def cached_backward(
         loss_fn: called once as ``loss_fn(*outputs)`` on the outputs concatenated over
             the micro-batches (the outputs of all towers, in order); returns a 0-dim
             tensor. If it is an ``nn.Module`` with trainable parameters (a learnable
-            temperature; also behind ``functools.partial``, e.g. with bound ``labels``)
-            and torch.distributed is initialised, the gradient this call
+            temperature; also behind ``functools.partial``, e.g. with bound ``labels``,
+            but not inside a lambda) and torch.distributed is initialised, the gradient this call
             adds to them is averaged over the ranks of ``loss_fn.group`` (the world if
             it has none), so they follow the same convention as DDP's parameters.
         inputs: a Tensor or a tuple of Tensors with one first dimension B >= 1 (B may
@@ -351,9 +433,12 @@ def cached_backward(
 
     Raises:
         ValueError: naming the argument, for ``micro_batch_size < 1``, inputs whose
-            first dimensions differ, an empty batch (on any rank of a DDP model's
-            group), outputs whose row count differs from their micro-batch's, 0-dim
-            outputs that differ between micro-batches, or a loss that is not 0-dim.
+            first dimensions differ, an empty batch, outputs whose row count differs
+            from their micro-batch's, 0-dim outputs that differ between micro-batches,
+            or a loss that is not 0-dim. With a DDP model or a gathering loss
+            (``gather=True``), bad or empty inputs on one rank make every rank of the
+            group raise (one small all-gather first) instead of leaving them waiting;
+            so does SyncBatchNorm with different numbers of micro-batches per rank.
 
     Semantics worth knowing:
         Dropout masks are replayed from the CPU and CUDA generator states saved in
@@ -369,8 +454,16 @@ def cached_backward(
         >>> optimizer.step()
     """
     micro = _check_micro_batch_size(micro_batch_size)
-    towers = _towers(model, inputs)
-    _agree_nonempty(towers)  # first: a rank that raised alone would leave the others waiting
+    agree, group = _agreement_group(model, loss_fn)
+    try:
+        towers, error = _towers(model, inputs), None
+    except ValueError as e:
+        towers, error = None, e
+    if agree:
+        _agree(towers, error, micro, group)
+    if error is not None:
+        raise error
+    assert towers is not None
     for t in towers:
         if t.inputs[0].shape[0] == 0:
             raise ValueError(f"{t.name} is an empty batch (B = 0); cached_backward needs B >= 1")
@@ -378,16 +471,16 @@ def cached_backward(
     # explicit negatives go through the DDP model's inner module) must finish its
     # backward before the synced one that all-reduces them. Pass 1 and pass 2 keep
     # the same order, so the buffers evolve identically in both.
-    order = sorted(range(len(towers)), key=lambda i: towers[i].ddp is not None)
+    order = [i for i in range(len(towers)) if towers[i].ddp is None]
+    order += [i for i in range(len(towers)) if towers[i].ddp is not None]
+    # Each DDP model all-reduces once: in the last micro-batch of its last tower.
+    synced = {id(towers[i].ddp): i for i in order if towers[i].ddp is not None}
     devices = _cuda_devices(towers)
-    for i in order:
-        if towers[i].ddp is not None:
-            _broadcast_buffers(towers[i].ddp)
-    buffers = _buffers(towers)
-    saved = [b.detach().clone() for b in buffers]
+    for ddp in {id(t.ddp): t.ddp for t in towers if t.ddp is not None}.values():
+        _broadcast_buffers(ddp)
 
     # Pass 1: outputs without grad, generator states saved per micro-batch.
-    with torch.no_grad():
+    with torch.no_grad(), _buffers_untouched(towers):
         for i in order:
             t = towers[i]
             # A DDP model's own forward only matters for the synced pass 2 call; its
@@ -395,12 +488,7 @@ def cached_backward(
             fn = t.ddp.module if t.ddp is not None else t.fn
             for chunk in zip(*(x.split(micro) for x in t.inputs), strict=True):
                 t.rng.append(_get_rng(devices))
-                out = _as_tuple(fn(*chunk), t)
-                t.outputs.append(out)
-    with torch.no_grad():
-        for b, s in zip(buffers, saved, strict=True):
-            b.copy_(s)
-    del saved
+                t.outputs.append(_as_tuple(fn(*chunk), t))
 
     # The loss, once, over every row; its backward fills the cache.
     leaves: list[list[torch.Tensor]] = []
@@ -431,7 +519,8 @@ def cached_backward(
         start = 0
         for j, chunk in enumerate(chunks):
             last = j == len(chunks) - 1
-            sync = t.ddp.no_sync() if t.ddp is not None and not last else nullcontext()
+            sync_now = t.ddp is None or (last and synced[id(t.ddp)] == i)
+            sync = nullcontext() if sync_now else t.ddp.no_sync()  # type: ignore[union-attr]
             rows = chunk[0].shape[0]
             with sync, _replayed_rng(t.rng[j], devices):
                 out = _as_tuple(t.fn(*chunk), t)

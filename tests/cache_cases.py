@@ -124,14 +124,58 @@ def ddp_cache_case(
     }
 
 
-def empty_rank_case(sizes: list[int]) -> str:
+def empty_rank_case(sizes: list[int], wrap: bool) -> str:
+    """A rank without rows; the model DDP-wrapped or plain (the loss gathers)."""
     rank = dist.get_rank()
-    ddp = DistributedDataParallel(make_model(0, "layer", 0.0, False))
+    model = make_model(0, "layer", 0.0, False)
+    ddp = DistributedDataParallel(model) if wrap else model
     x0, x1 = global_batch(0, sizes)
     try:
         cached_backward(
             ddp, make_loss(False), (local_slice(x0, sizes, rank), local_slice(x1, sizes, rank)), 2
         )
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def shared_ddp_case(sizes: list[int], micro: int, seed: int) -> dict[str, Any]:
+    """The same DDP model as two towers (each rank's batch split in halves), with a
+    layer whose forward reads and updates a buffer: one all-reduce per call, and pass 2
+    must see the buffers pass 1 saw although DDP synced after the first tower."""
+    rank = dist.get_rank()
+    model = make_model(seed, "center", 0.25, False)
+    ddp = DistributedDataParallel(model)
+    reduces = [0]
+
+    def counted(state, bucket):  # type: ignore[no-untyped-def]
+        reduces[0] += 1
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counted)
+    clip = InfoNCE(0.3, symmetric=True, gather=True)
+    loss_fn = lambda a0, b0, a1, b1: clip(torch.cat([a0, a1]), torch.cat([b0, b1]))
+    x0, x1 = global_batch(seed, sizes)
+    x0, x1 = local_slice(x0, sizes, rank), local_slice(x1, sizes, rank)
+    half = len(x0) // 2
+    torch.manual_seed(seed * 100 + rank)
+    cached_backward([ddp, ddp], loss_fn, [(x0[:half], x1[:half]), (x0[half:], x1[half:])], micro)
+    return {
+        "grads": {n: q.grad.clone() for n, q in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "reduces": reduces[0],
+    }
+
+
+def bad_input_on_one_rank_case() -> str:
+    """Rank 1 passes inputs with different first dimensions: every rank raises."""
+    rank = dist.get_rank()
+    ddp = DistributedDataParallel(make_model(0, "layer", 0.0, False))
+    x0, x1 = global_batch(0, [4])
+    if rank == 1:
+        x1 = x1[:3]
+    try:
+        cached_backward(ddp, make_loss(False), (x0, x1), 2)
     except ValueError as e:
         return str(e)
     return "no error"

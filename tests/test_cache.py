@@ -288,3 +288,39 @@ def test_loss_module_behind_partial_with_labels() -> None:
     compare("cache: grads vs plain, labels (float64)", got[0], ref[0])
     t_got, t_ref = got[1].func.logit_scale.grad, ref[1].func.logit_scale.grad
     assert record_error("cache: grads vs plain, labels (float64)", t_got, t_ref) < 1e-12
+
+
+class Recentre(nn.Module):
+    """Reassigns its buffer in forward (DINO's centre), instead of updating in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.zeros(6, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x - self.center
+        self.center = 0.5 * self.center + 0.5 * x.detach().mean(0)
+        return y
+
+
+def test_reassigned_buffer_restored_after_pass_1() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Encoder(5), Recentre())
+    ref = copy.deepcopy(model)
+    x = data(10)[0]
+    loss_fn = lambda z: (z**2).sum() + z[:, 0].exp().sum()
+    torch.manual_seed(3)
+    cached_backward(model, loss_fn, x, 4)
+    torch.manual_seed(3)
+    plain(lambda c: (ref(c),), loss_fn, (x,), 4)
+    compare("cache: grads vs plain, reassigned buffer (float64)", model, ref)
+    torch.testing.assert_close(model[1].center, ref[1].center, rtol=0, atol=0)
+
+
+def test_micro_batch_size_accepts_numpy_and_tensor_ints() -> None:
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = TwoTower(p=0.0)
+    for micro in (np.int64(3), torch.tensor(3)):
+        cached_backward(model, InfoNCE(0.2, symmetric=True), data(7), micro)  # type: ignore[arg-type]

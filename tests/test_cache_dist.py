@@ -99,7 +99,44 @@ def test_ddp_cached_equals_one_process(
         assert abs(mean - losses[i]) < 1e-12
 
 
-def test_empty_rank_raises_on_every_rank(worlds: Worlds) -> None:
-    msgs = worlds.run(2, cache_cases.empty_rank_case, [3, 0])
+@pytest.mark.parametrize("wrap", [True, False], ids=["ddp", "plain-model-gathering-loss"])
+def test_empty_rank_raises_on_every_rank(worlds: Worlds, wrap: bool) -> None:
+    msgs = worlds.run(2, cache_cases.empty_rank_case, [3, 0], wrap)
     for msg in msgs:
         assert "empty batch" in msg and "rank(s) [1]" in msg, msg
+
+
+def test_same_ddp_model_in_two_towers(worlds: Worlds) -> None:
+    sizes, micro, seed = [8, 5], 2, 4
+    res = worlds.run(2, cache_cases.shared_ddp_case, sizes, micro, seed)
+    model = cache_cases.make_model(seed, "center", 0.25, False)
+    rank0_buffers = {n: b.clone() for n, b in model.named_buffers()}
+    x0, x1 = cache_cases.global_batch(seed, sizes)
+    a_parts, b_parts, buffers = [], [], []
+    for rank in range(2):
+        l0, l1 = (cache_cases.local_slice(x, sizes, rank) for x in (x0, x1))
+        half = len(l0) // 2
+        model.load_state_dict(rank0_buffers, strict=False)  # DDP's broadcast
+        torch.manual_seed(seed * 100 + rank)
+        for lo, hi in ((0, half), (half, len(l0))):  # tower 0, then tower 1
+            for c0, c1 in zip(l0[lo:hi].split(micro), l1[lo:hi].split(micro), strict=True):
+                za, zb = model(c0, c1)
+                a_parts.append(za)
+                b_parts.append(zb)
+        buffers.append({n: b.clone() for n, b in model.named_buffers()})
+    ref_info_nce(torch.cat(a_parts), torch.cat(b_parts), temperature=0.3, symmetric=True).backward()
+    for rank, r in enumerate(res):
+        assert r["reduces"] == 1  # one all-reduce for the DDP model, not one per tower
+        for name, q in model.named_parameters():
+            err = record_error(
+                "cache DDP: grads vs one process (float64)", r["grads"][name], q.grad
+            )
+            assert err < 1e-12, (rank, name)
+        for name, b in buffers[rank].items():
+            assert torch.equal(r["buffers"][name], b), (rank, name)
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank(worlds: Worlds) -> None:
+    msgs = worlds.run(2, cache_cases.bad_input_on_one_rank_case)
+    assert "all tensors must have the same first dimension" in msgs[1], msgs[1]
+    assert "rank(s) [1] of the group passed invalid inputs" in msgs[0], msgs[0]
