@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -98,9 +99,10 @@ def two_namespaces(hosts: Mapping[str, str] | None = None) -> Iterator[Net]:
             _ip("-n", net.ns[i], "link", "set", "lo", "up")
         if hosts:
             text = "127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for h, a in hosts.items())
-            for d in etc:
+            for i, d in enumerate(etc):
                 d.mkdir(parents=True, exist_ok=True)
-                (d / "hosts").write_text(text)
+                # The machine's own name too (torchrun resolves it): this node's address.
+                (d / "hosts").write_text(text + f"{net.addr[i]} {socket.gethostname()}\n")
         yield net
     finally:
         for n in made:
@@ -161,11 +163,26 @@ class NetnsCluster(sc.SlurmCluster):
         return super().run([*self.prefix, *args], **kwargs)
 
 
+#: ``ip netns exec`` mounts a fresh /sys for the namespace, without /sys/fs/cgroup,
+#: and slurmd 22.05 refuses to start unless /sys/fs/cgroup/systemd is a cgroup file
+#: system, even with proctrack/linuxproc and task/none ("Unable to initialize cgroup
+#: plugin"). A tmpfs and a new, empty named cgroup v1 hierarchy (not the host's)
+#: satisfy that check; both mounts live only in that command's mount namespace.
+CGROUP_SHIM = (
+    "sh",
+    "-c",
+    "mount -t tmpfs cgroup_root /sys/fs/cgroup && mkdir /sys/fs/cgroup/systemd"
+    " && mount -t cgroup -o none,name=dist_infonce_test cgroup /sys/fs/cgroup/systemd"
+    ' && exec "$0" "$@"',
+)
+
+
 def _conf(root: Path, net: Net, ctld_port: int, slurmd_port: int) -> Path:
     munge_socket = root / "munge" / "munge.sock"
     lines = [
         f"ClusterName=di2n{ctld_port}",
-        f"SlurmctldHost=n0({net.addr[0]})",
+        # slurmctld accepts "localhost" as its own name; slurmd reaches it at the address.
+        f"SlurmctldHost=localhost({net.addr[0]})",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
         "SlurmUser=root",
@@ -207,7 +224,7 @@ def two_node_cluster(net: Net) -> Iterator[NetnsCluster]:
 
     root = Path(tempfile.mkdtemp(prefix="dist-infonce-2n-"))
     root.chmod(0o755)
-    for sub in ("munge", "state", "spool", "log"):
+    for sub in ("munge", "state", "spool", "spool/n0", "spool/n1", "log"):
         (root / sub).mkdir(mode=0o755)
     ctld_port, slurmd_port = sc._free_ports(2)
     conf = _conf(root, net, ctld_port, slurmd_port)
@@ -235,12 +252,21 @@ def two_node_cluster(net: Net) -> Iterator[NetnsCluster]:
                 munge / "munged.pid",
             ),
             ([*net.exec(0), sc._which("slurmctld") or "slurmctld", "-i"], root / "slurmctld.pid"),
-            ([*net.exec(0), sc._which("slurmd") or "slurmd", "-N", "n0"], root / "slurmd-n0.pid"),
-            ([*net.exec(1), sc._which("slurmd") or "slurmd", "-N", "n1"], root / "slurmd-n1.pid"),
+            (
+                [*net.exec(0), *CGROUP_SHIM, sc._which("slurmd") or "slurmd", "-N", "n0"],
+                root / "slurmd-n0.pid",
+            ),
+            (
+                [*net.exec(1), *CGROUP_SHIM, sc._which("slurmd") or "slurmd", "-N", "n1"],
+                root / "slurmd-n1.pid",
+            ),
         ]
         for cmd, pid_file in steps:
             cluster.pid_files.append(pid_file)
-            sc._start_daemon(cmd, env, pid_file)
+            try:
+                sc._start_daemon(cmd, env, pid_file)
+            except RuntimeError as e:
+                raise RuntimeError(f"{' '.join(cmd)}: {e}\n{cluster.log_tails()}") from None
         deadline = time.monotonic() + sc.READY_TIMEOUT_S
         states = ""
         while states != "idle idle":
