@@ -551,11 +551,13 @@ def _save(
         try:
             save_atomic(state, checkpoint_path(ckpt_dir, step))
             prune(ckpt_dir, cfg.checkpoint.keep)
-        except OSError as e:
+        except Exception as e:  # torch.save wraps a failed write (ENOSPC) in a RuntimeError
+            cause = e if isinstance(e, OSError) else e.__context__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else e
             newest = list_checkpoints(ckpt_dir)
             error = (
-                f"checkpoint of step {step} could not be written to {ckpt_dir} "
-                f"({e.strerror or e}); training stopped. The newest good checkpoint is "
+                f"checkpoint of step {step} could not be written to {ckpt_dir} ({reason}); "
+                "training stopped. The newest good checkpoint is "
                 + (str(newest[-1][1]) if newest else "none")
             )
     # Nobody moves on (or exits) before the checkpoint is on disk, and a failed write
