@@ -286,7 +286,7 @@ class StepGuard:
         is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         note = "re-run the same command to resume"
         if self._signal == _REQUEUE and env.get("SLURM_JOB_ID"):
-            note = requeue_slurm_job(env["SLURM_JOB_ID"]) if is_main else ""
+            note = requeue_slurm_job(env["SLURM_JOB_ID"]) if is_main else "rank 0 requeues the job"
             # Nobody exits before the requeue is issued: an early exit would make
             # srun --kill-on-bad-exit end the job before rank 0 requeues it.
             if dist.is_available() and dist.is_initialized():
@@ -388,9 +388,13 @@ def _faults(spec: str) -> tuple[tuple[str, int, int | None], ...]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, where = item.partition("@")
         step, _, rank = where.partition(":")
-        if kind not in ("nan", "kill") or not step.isdigit() or (rank and not rank.isdigit()):
+        if (
+            kind not in ("nan", "kill", "stop")
+            or not step.isdigit()
+            or (rank and not rank.isdigit())
+        ):
             raise ValueError(
-                f"{FAULT_ENV}: expected items like nan@STEP[:RANK] or kill@STEP[:RANK], got {item!r}"
+                f"{FAULT_ENV}: expected items like nan@STEP[:RANK], kill@STEP[:RANK] or stop@STEP[:RANK], got {item!r}"
             )
         out.append((kind, int(step), int(rank) if rank else None))
     return tuple(out)
@@ -403,6 +407,7 @@ def inject_fault(loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
     gradients) into NaN at 1-based optimizer step STEP; ``kill@STEP[:RANK]``
     SIGKILLs this process there, after the forward pass and before the backward
     (mid-step: the other ranks are inside a collective or about to enter one),
+    ``stop@STEP[:RANK]`` SIGSTOPs it there (a hung rank: alive, silent),
     only in a first attempt (``TORCHELASTIC_RESTART_COUNT`` and
     ``SLURM_RESTART_COUNT`` unset or 0), so a restarted group runs through. No
     RANK means every rank. Unset (always, outside the tests): returns ``loss``.
@@ -415,6 +420,9 @@ def inject_fault(loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
             continue
         if kind == "nan":
             loss = loss * float("nan")
+        elif kind == "stop":
+            _say(f"{FAULT_ENV}: SIGSTOP rank {rank} at step {step}")
+            os.kill(os.getpid(), signal.SIGSTOP)  # hangs here until SIGCONT/SIGKILL
         elif all(
             os.environ.get(v, "0") == "0"
             for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")

@@ -44,7 +44,8 @@ from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F40
 from tests.test_train import REPO, Started, clean_env, last_step, train_rows
 
 #: A short run with fast steps (~20 ms each here): long enough to be interrupted.
-STEPS = 150
+#: The reference run is session-scoped: tests/test_two_nodes.py compares with it too.
+STEPS = 80
 CONFIG = (
     f"train.steps={STEPS}",
     "train.batch_size=16",
@@ -207,7 +208,7 @@ class Ref:
     env: dict[str, str]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ref(tmp_path_factory: pytest.TempPathFactory) -> Ref:
     """The uninterrupted 2-rank run every interrupted run is compared with."""
     tmp = tmp_path_factory.mktemp("resilience-ref")
@@ -324,6 +325,41 @@ def test_killed_rank_of_two_plain_processes_fails_the_other_in_time(tmp_path: Pa
     output = _survivors_exit(procs, "two plain processes, rank 1 killed", 30.0)
     assert "rank 0: a collective" in output and "dist.timeout_s=30" in output, output[-4000:]
     assert procs[1].proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_hung_rank_fails_the_other_after_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 stopped (SIGSTOP: alive but silent) at step 5: rank 0 fails after
+    dist.timeout_s, not never."""
+    from tests.test_launch import free_port
+
+    out, env = tmp_path / "run", clean_env(tmp_path)
+    env.update(
+        DIST_INFONCE_TEST_FAULT="stop@5:1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    cmd = [sys.executable, "-m", "dist_infonce.train", *CONFIG, "dist.timeout_s=5"]
+    cmd += ["wandb.mode=disabled", f"output_dir={out}"]
+    procs = [
+        Started(
+            cmd,
+            {**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
+            tmp_path / f"r{r}.log",
+        )
+        for r in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while "SIGSTOP rank 1" not in procs[1].log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the fault never fired"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        rc, output = finish(procs[0], timeout=5.0 + EXIT_MARGIN_S)
+        took = time.monotonic() - t0
+        print(f"two plain processes, rank 1 hung: rank 0 exited {took:.2f} s later (rc {rc})")
+        assert rc != 0 and took <= 5.0 + EXIT_MARGIN_S, (rc, took)
+        assert "rank 0: a collective timed out" in output, output[-4000:]
+    finally:
+        procs[1].kill()
 
 
 # --------------------------------------------------------------------- non-finite e2e
