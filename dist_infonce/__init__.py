@@ -1,7 +1,16 @@
 """dist_infonce: exact, memory-linear contrastive losses for very large global batches."""
 
+from dist_infonce.cache import cached_backward
 from dist_infonce.dist import GatherLayer, all_gather_with_grad
 from dist_infonce.losses import InfoNCE, NTXent, info_nce, nt_xent
 
-__all__ = ["GatherLayer", "InfoNCE", "NTXent", "all_gather_with_grad", "info_nce", "nt_xent"]
+__all__ = [
+    "GatherLayer",
+    "InfoNCE",
+    "NTXent",
+    "all_gather_with_grad",
+    "cached_backward",
+    "info_nce",
+    "nt_xent",
+]
 __version__ = "0.1.0"

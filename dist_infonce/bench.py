@@ -19,6 +19,10 @@ Methods: ``dense`` (our reference: ``q @ k.T / t`` and ``F.cross_entropy``),
 ``info_nce_pytorch`` (one direction) and ``open_clip`` (``ClipLoss``, symmetric).
 Modes: ``one`` (in-batch, one direction) and ``sym`` (symmetric / CLIP).
 
+``python -m dist_infonce.bench --world 2`` runs the distributed benchmark instead
+(the gathered loss on gloo processes, ours vs OpenCLIP; see
+:mod:`dist_infonce.bench_dist`).
+
 Outputs in ``--out``: ``bench.json`` (rows and machine info), ``bench.png``
 (log-log time and memory vs B) and ``table.md`` (also printed).
 """
@@ -665,6 +669,12 @@ def _load() -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 also when some rows failed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--world" or a.startswith("--world=") for a in argv):
+        # The distributed benchmark (gathered loss on gloo processes) has its own options.
+        from dist_infonce.bench_dist import main as dist_main
+
+        return dist_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args._worker is not None:

@@ -90,6 +90,10 @@ class TrainConfig:
     shared across micro-steps: the contrastive pool stays batch_size x world_size."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision through accelerate; on CPU use bf16 (fp16 needs CUDA)."""
+    micro_batch_size: int | None = None
+    """Rows per encoder pass (gradient caching, dist_infonce.cache): the loss still sees
+    batch_size x world_size rows, the encoder holds activations of this many; null =
+    the whole per-rank batch in one pass. BatchNorm then normalises per micro-batch."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient on any rank: stop = write the last good state as a
     checkpoint and exit 3 naming the step (the default: a NaN usually means divergence,
@@ -114,6 +118,9 @@ class LossConfig:
     num_negatives: int = 0
     """Extra explicit negatives per rank for kind=info_nce, drawn from the data's view 1
     and shared by all queries (pooled over ranks with ``gather``); 0 = in-batch only."""
+    supervised: bool = False
+    """Supervised contrastive (SupCon): samples with the same class label are positives
+    of each other (the loss's ``labels=``); needs a data set with labels (digits)."""
 
 
 @dataclass
@@ -526,6 +533,17 @@ def validate(cfg: Config) -> None:
     _check(
         t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}"
     )
+    _check(
+        t.micro_batch_size is None or t.micro_batch_size >= 1,
+        "train.micro_batch_size",
+        f"must be >= 1 or null, got {t.micro_batch_size}",
+    )
+    _check(
+        t.micro_batch_size is None or t.grad_accum_steps == 1,
+        "train.micro_batch_size",
+        "replaces train.grad_accum_steps (the cache shares negatives across its micro-batches, "
+        f"accumulation does not); set train.grad_accum_steps=1, got {t.grad_accum_steps}",
+    )
     _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
     _check(
         lo.chunk_size is None or lo.chunk_size > 0,
@@ -537,6 +555,11 @@ def validate(cfg: Config) -> None:
         lo.num_negatives == 0 or lo.kind == "info_nce",
         "loss.num_negatives",
         f"explicit negatives need loss.kind=info_nce (got {lo.kind}: in-batch negatives only)",
+    )
+    _check(
+        not (lo.supervised and lo.num_negatives),
+        "loss.supervised",
+        "labels define the positives among in-batch samples; set loss.num_negatives=0",
     )
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
     _check(cfg.data.noise >= 0, "data.noise", f"must be >= 0, got {cfg.data.noise}")

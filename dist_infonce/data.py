@@ -52,7 +52,8 @@ class ContrastiveData(Protocol):
     input_shapes: tuple[tuple[int, ...], tuple[int, ...]]
 
     def sample(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, ...]:
-        """Return one training batch ``(view0, view1)``, each of shape (B, *input_shape).
+        """Return one training batch ``(view0, view1)``, each of shape (B, *input_shape),
+        optionally followed by int64 class labels of shape (B,) (``loss.supervised``).
 
         All randomness must come from ``generator`` (a CPU generator) so that the
         batch is reproducible.
@@ -140,8 +141,9 @@ class DigitsData:
     """scikit-learn's 8x8 digits (1797 images, bundled: no download), split once.
 
     Training batches draw images of the training split uniformly (with replacement)
-    and return two independent augmentations of each. Labels are used only by
-    :meth:`evaluate`: a linear probe and kNN on frozen features of the held-out split.
+    and return two independent augmentations of each, and their class labels (used
+    for training only with ``loss.supervised``). :meth:`evaluate` fits a linear probe
+    and kNN on frozen features of the held-out split.
 
     Args:
         cfg: the ``data`` section (``eval_fraction``, ``seed``, augmentation).
@@ -165,12 +167,13 @@ class DigitsData:
         self.input_shapes = ((1, 8, 8), (1, 8, 8))
 
     def sample(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, ...]:
-        """Two augmented views of ``batch_size`` random training images, each (B, 1, 8, 8)."""
+        """Two augmented views of ``batch_size`` random training images, each (B, 1, 8, 8),
+        and the images' digit labels, (B,) int64."""
         idx = torch.randint(0, len(self.x_train), (batch_size,), generator=generator)
         images = self.x_train[idx]
         v0 = augment_digits(images, generator, noise_std=self.noise_std)
         v1 = augment_digits(images, generator, noise_std=self.noise_std)
-        return v0, v1
+        return v0, v1, self.y_train[idx]
 
     def evaluate(self, embed: Embed) -> dict[str, float]:
         """Linear-probe and kNN accuracy of the frozen features on the held-out split.

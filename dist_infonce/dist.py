@@ -23,6 +23,8 @@ from torch.distributed import ProcessGroup
 __all__ = [
     "GatherLayer",
     "all_gather_with_grad",
+    "all_reduce_logsumexp",
+    "gather_labels",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -284,3 +286,101 @@ def all_gather_with_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> 
             not float32, float64, bfloat16 or float16.
     """
     return gather_with_info(x, group)[0]
+
+
+def gather_labels(labels: torch.Tensor, info: GatherInfo) -> torch.Tensor:
+    """All-gather integer labels (no gradient) with the row layout of ``info``.
+
+    ``info`` comes from the gather of the rows these labels belong to, so no second
+    size exchange is needed: one all_gather of the (padded) labels.
+
+    Args:
+        labels: this rank's labels. Shape: (info.sizes[info.rank],), any integer dtype.
+        info: from :func:`gather_with_info` of the rows.
+
+    Returns:
+        The labels of every rank in rank order. Shape: (info.total,).
+    """
+    if len(info.sizes) == 1:
+        return labels
+    device = _comm_device(labels, info.group)
+    return _gather_forward(labels.to(device), info).to(labels.device)
+
+
+class _AllReduceLSE(torch.autograd.Function):
+    """log(sum over ranks of exp(x_r)), elementwise, with its exact gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, group: ProcessGroup | None, shift: float | None
+    ) -> torch.Tensor:
+        device = _comm_device(x, group)
+        xd = x.detach().to(device)
+        if shift is not None:
+            # A shift every rank knows: the partial sums are plain float64 sums,
+            # one all-reduce.
+            s = (xd.double() - shift).exp()
+            dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+            out = (s.log() + shift).to(device=x.device, dtype=x.dtype)
+        else:
+            # Two all-reduces (max, then the shifted sums): no assumption on the
+            # range of x, so no overflow and no underflow of the dominant terms.
+            m = xd.clone()
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            s = (xd - m).exp()
+            dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+            out = (s.log() + m).to(x.device)
+        ctx.group = group
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        x, out = ctx.saved_tensors
+        # out_j depends on every rank's x_j, and every rank's loss may use out_j:
+        # rank r's gradient is exp(x_rj - out_j) * (sum over ranks of grad_j).
+        device = _comm_device(x, ctx.group)
+        g = grad.detach().to(device=device, dtype=x.dtype).contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        weight = torch.where(torch.isneginf(x), torch.zeros_like(x), (x - out).exp())
+        return g.to(x.device) * weight, None, None
+
+
+#: |x - shift| up to which exp(x - shift) keeps full relative precision in float64.
+_FLOAT64_SHIFT_RANGE = 600.0
+
+
+def all_reduce_logsumexp(
+    x: torch.Tensor,
+    group: ProcessGroup | None = None,
+    *,
+    bound: float | None = None,
+) -> torch.Tensor:
+    """``log(sum_r exp(x_r))`` over the ranks of ``group``, elementwise, differentiable.
+
+    Combines per-rank partial log-sum-exps (e.g. the column statistics of one block
+    row of a similarity matrix) into the global ones. Forward: one all-reduce of
+    ``x.numel()`` float64 numbers when ``bound`` is given and at most 300, else two
+    (max, then shifted sums); backward: one. Every rank must call it with the same
+    shape (and ``bound``) and use the result in its loss (the backward is a
+    collective).
+
+    Args:
+        x: this rank's partial log-sum-exps (``-inf`` for an empty part). Shape: any,
+            equal on every rank.
+        group: process group; default the world.
+        bound: a number B, the same on every rank, such that each non-empty
+            partial is a log-sum-exp of terms in [-B, B] (for similarities of
+            unit vectors: the inverse temperature). Then ``exp(x - B)`` lies in
+            [exp(-2B), count] and, for B <= 300, loses no precision in float64:
+            one all-reduce of plain sums suffices.
+
+    Returns:
+        The combined log-sum-exps, same shape and dtype as ``x``. At world size 1,
+        ``x`` itself.
+    """
+    if not is_distributed(group):
+        return x
+    shift = bound if bound is not None and 2.0 * bound <= _FLOAT64_SHIFT_RANGE else None
+    return _AllReduceLSE.apply(x, group, shift)

@@ -24,8 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from dist_infonce.dist import gather_with_info, get_world_size, is_distributed
+from dist_infonce.dist import (
+    all_reduce_logsumexp,
+    gather_labels,
+    gather_with_info,
+    get_world_size,
+    is_distributed,
+)
 from dist_infonce.kernels import DEFAULT_CHUNK, chunked_lse, compute_dtype, dense_lse, no_autocast
+from dist_infonce.kernels.symmetric import self_lse
 
 __all__ = ["InfoNCE", "NTXent", "info_nce", "nt_xent"]
 
@@ -164,6 +171,36 @@ def _check_info_nce_inputs(
     _check_same("negative_keys", neg, "query", q)
 
 
+def _check_labels(
+    labels: object, rows: torch.Tensor, rows_name: str, negative_keys: object
+) -> None:
+    if labels is None:
+        return
+    if negative_keys is not None:
+        raise ValueError(
+            "labels define the positives among the in-batch keys; they cannot be combined "
+            "with explicit negative_keys (pass negative_keys=None)"
+        )
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(
+            f"labels must be None or an int64 torch.Tensor of shape (N,), got "
+            f"{type(labels).__name__}"
+        )
+    if labels.dtype != torch.int64:
+        raise ValueError(
+            f"labels must have dtype torch.int64 (exact integer class ids), got {labels.dtype}"
+        )
+    if labels.dim() != 1 or labels.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"labels must have shape (N,) = ({rows.shape[0]},), one label per row of "
+            f"{rows_name}; got shape {tuple(labels.shape)}"
+        )
+    if labels.device != rows.device:
+        raise ValueError(
+            f"labels must be on the device of {rows_name} ({rows.device}), got {labels.device}"
+        )
+
+
 # ----------------------------------------------------------------------- internals
 
 
@@ -190,6 +227,38 @@ def _dot(a: torch.Tensor, b: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tens
     """Row-wise logit ``t * <a_i, b_i>``. Shape: (N,)."""
     dt = compute_dtype(a.dtype)
     return (a.to(dt) * b.to(dt)).sum(-1) * inv_temp
+
+
+def _label_classes(pool_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class index of every pool row and the size of every class.
+
+    Returns:
+        ``(inverse, counts)``: Shape: (M,) and (U,), U the number of distinct labels.
+    """
+    _, inverse, counts = torch.unique(pool_labels, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
+def _class_sums(pool: torch.Tensor, inverse: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per-class sums of the pool rows (differentiable). Shape: (U, D)."""
+    dt = compute_dtype(pool.dtype)
+    return pool.new_zeros((classes, pool.shape[1]), dtype=dt).index_add(0, inverse, pool.to(dt))
+
+
+def _label_dot(
+    a: torch.Tensor,
+    sums: torch.Tensor,
+    cls: torch.Tensor,
+    counts: torch.Tensor,
+    inv_temp: torch.Tensor,
+) -> torch.Tensor:
+    """Mean positive logit ``t * <a_i, sums[cls_i]> / counts[cls_i]``. Shape: (N,).
+
+    The mean over P(i) of ``t * <a_i, k_p>`` is one dot product with the sum of
+    P(i): O((N + M) * D) work and memory instead of an N x M mask.
+    """
+    dt = compute_dtype(a.dtype)
+    return (a.to(dt) * sums[cls]).sum(-1) * inv_temp / counts[cls].to(dt)
 
 
 def _global_count(n: int, device: torch.device, group: ProcessGroup | None) -> int:
@@ -229,6 +298,7 @@ def _info_nce_body(
     chunk_size: int | None,
     gather: bool,
     group: ProcessGroup | None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     q, k, neg = query, positive_key, negative_keys
     if normalize:
@@ -237,11 +307,11 @@ def _info_nce_body(
     distributed = gather and is_distributed(group)
     world = get_world_size(group) if distributed else 1
     n = q.shape[0]
-    # The positive is always the local pair: the same value as its copy in the
-    # gathered pool, and its gradient stays on this rank.
-    pos = _dot(q, k, inv_temp)
 
     if neg is not None and negative_mode == "paired":
+        # The positive is always the local pair: the same value as its copy in the
+        # gathered pool, and its gradient stays on this rank.
+        pos = _dot(q, k, inv_temp)
         # Paired negatives stay with their query; the logits (N, M) are D times
         # smaller than the negatives themselves, so there is nothing to tile.
         dt = compute_dtype(q.dtype)
@@ -249,6 +319,7 @@ def _info_nce_body(
         losses = torch.logsumexp(torch.cat([pos[:, None], neg_logits], 1), 1) - pos
         global_rows = _global_count(n, q.device, group) if distributed else n
     elif neg is not None:
+        pos = _dot(q, k, inv_temp)
         if distributed:
             neg, info = gather_with_info(neg, group, count=n)
             global_rows = sum(info.counts)
@@ -257,27 +328,75 @@ def _info_nce_body(
         lse, _ = _lse(q, neg, inv_temp, chunk_size, extra=pos)
         losses = lse - pos
     elif symmetric:
-        if distributed:
-            # One gather for both towers: (N, 2, D) -> (global N, 2, D).
-            pairs, info = gather_with_info(torch.stack([q, k], 1), group)
-            lse_q, _ = _lse(q, pairs[:, 1], inv_temp, chunk_size)
-            lse_k, _ = _lse(k, pairs[:, 0], inv_temp, chunk_size)
-            global_rows = info.total
-        else:
-            # Both directions from one pass: row stats are query->key, column
-            # stats key->query.
-            lse_q, lse_k = _lse(q, k, inv_temp, chunk_size, cols=True)
-            global_rows = n
-        losses = 0.5 * (lse_q + lse_k) - pos
+        losses, global_rows = _symmetric(
+            q, k, inv_temp, chunk_size, distributed, group, labels, normalized=normalize
+        )
     else:
         if distributed:
-            k, info = gather_with_info(k, group)
-            global_rows = info.total
+            kp, info = gather_with_info(k, group)
+            global_rows, offset = info.total, info.offset
         else:
-            global_rows = n
-        lse, _ = _lse(q, k, inv_temp, chunk_size)
+            kp, global_rows, offset = k, n, 0
+        lse, _ = _lse(q, kp, inv_temp, chunk_size)
+        if labels is None:
+            pos = _dot(q, k, inv_temp)
+        else:
+            # SupCon: the mean logit over every pool key with row i's label.
+            pool_labels = gather_labels(labels, info) if distributed else labels
+            inverse, counts = _label_classes(pool_labels)
+            sums = _class_sums(kp, inverse, len(counts))
+            pos = _label_dot(q, sums, inverse[offset : offset + n], counts, inv_temp)
         losses = lse - pos
     return _reduce(losses, reduction, global_rows, world)
+
+
+def _symmetric(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    inv_temp: torch.Tensor,
+    chunk_size: int | None,
+    distributed: bool,
+    group: ProcessGroup | None,
+    labels: torch.Tensor | None,
+    *,
+    normalized: bool,
+) -> tuple[torch.Tensor, int]:
+    """Row losses of the CLIP loss (both directions) and the global row count.
+
+    One block row per rank: ``q_local @ K_pool^T`` gives the query->key row
+    statistics and, per key column, a partial key->query log-sum-exp over the
+    local queries; :func:`all_reduce_logsumexp` completes the columns over the
+    ranks (O(global rows) numbers; one all-reduce with normalised inputs and
+    temperature >= 1/300, else two). Only the key tower is gathered (the query tower
+    too when ``labels`` need its per-class sums), and every similarity is
+    computed once in the world.
+    """
+    n = q.shape[0]
+    if distributed and labels is not None:
+        # The key->query positives average queries of the whole pool per class.
+        pairs, info = gather_with_info(torch.stack([q, k], 1), group)
+        qp, kp = pairs[:, 0], pairs[:, 1]
+    elif distributed:
+        kp, info = gather_with_info(k, group)
+        qp = None
+    else:
+        qp, kp, info = q, k, None
+    offset = info.offset if info is not None else 0
+    lse_q, col_lse = _lse(q, kp, inv_temp, chunk_size, cols=True)
+    if info is not None:
+        # Unit vectors bound every logit by t: one all-reduce of plain sums.
+        bound = float(inv_temp.detach()) if normalized else None
+        col_lse = all_reduce_logsumexp(col_lse, group, bound=bound)
+    lse_k = col_lse[offset : offset + n]
+    global_rows = info.total if info is not None else n
+    if labels is None:
+        return 0.5 * (lse_q + lse_k) - _dot(q, k, inv_temp), global_rows
+    pool_labels = gather_labels(labels, info) if info is not None else labels
+    inverse, counts = _label_classes(pool_labels)
+    cls = inverse[offset : offset + n]
+    pos_q = _label_dot(q, _class_sums(kp, inverse, len(counts)), cls, counts, inv_temp)
+    pos_k = _label_dot(k, _class_sums(qp, inverse, len(counts)), cls, counts, inv_temp)
+    return 0.5 * ((lse_q - pos_q) + (lse_k - pos_k)), global_rows
 
 
 def _nt_xent_body(
@@ -289,6 +408,7 @@ def _nt_xent_body(
     chunk_size: int | None,
     gather: bool,
     group: ProcessGroup | None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if normalize:
         z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
@@ -296,7 +416,6 @@ def _nt_xent_body(
     world = get_world_size(group) if distributed else 1
     n = z1.shape[0]
     rows = torch.cat([z1, z2])
-    pos = _dot(z1, z2, inv_temp).repeat(2)
     if distributed:
         pairs, info = gather_with_info(torch.stack([z1, z2], 1), group)
         total, offset = info.total, info.offset
@@ -306,7 +425,25 @@ def _nt_xent_body(
         total, offset, pool = n, 0, rows
     # Each view leaves out its own column (self-similarity); its pair stays in.
     own = torch.arange(offset, offset + n, device=z1.device)
-    lse, _ = _lse(rows, pool, inv_temp, chunk_size, mask_idx=torch.cat([own, own + total]))
+    own = torch.cat([own, own + total])
+    if not distributed and (chunk_size is not None or 4 * n * n > _DENSE_MAX_ELEMENTS):
+        # Locally the 2N x 2N matrix is symmetric: each tile serves its rows and,
+        # transposed, its columns' rows (half the tiles of the general kernel).
+        lse = self_lse(rows, inv_temp, chunk_size or DEFAULT_CHUNK)
+    else:
+        lse, _ = _lse(rows, pool, inv_temp, chunk_size, mask_idx=own)
+    if labels is None:
+        pos = _dot(z1, z2, inv_temp).repeat(2)
+    else:
+        # SupCon over 2N views: the positives of a view are the views with its label
+        # (its pair included) but not itself, so take the view out of its class sum.
+        pool_labels = gather_labels(labels, info) if distributed else labels
+        inverse, counts = _label_classes(torch.cat([pool_labels, pool_labels]))
+        sums = _class_sums(pool, inverse, len(counts))
+        cls = inverse[own]
+        dt = compute_dtype(rows.dtype)
+        others = sums[cls] - rows.to(dt)
+        pos = (rows.to(dt) * others).sum(-1) * inv_temp / (counts[cls] - 1).to(dt)
     return _reduce(lse - pos, reduction, 2 * total, world)
 
 
@@ -336,6 +473,7 @@ def info_nce(
     chunk_size: int | None = None,
     gather: bool = False,
     group: ProcessGroup | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE loss; a drop-in for info-nce-pytorch's ``info_nce`` with more options.
 
@@ -366,6 +504,13 @@ def info_nce(
             is ``sum * world_size`` so that DDP-averaged gradients are exact. A
             rank may hold 0 rows. At world size 1 it is the local loss.
         group: process group for ``gather`` (default the world).
+        labels: None, or one int64 class label per row, Shape: (N,) (any int64
+            values, hashes included, compared exactly): supervised contrastive
+            loss (SupCon's L_out). Row i's loss is its log-sum-exp minus the mean
+            logit over P(i), every key of the pool with label ``labels[i]`` (``k_i``
+            included; with ``symmetric`` the key->query direction likewise over the
+            queries). With ``gather`` the labels are pooled with their rows. Costs
+            O((N + M) * D) beyond the unlabelled loss: no N x M mask.
 
     Returns:
         A 0-dim tensor, or Shape: (N,) for ``reduction="none"``. float32 for
@@ -375,18 +520,21 @@ def info_nce(
         ValueError: naming the argument, for wrong shapes or ranks, mismatched D,
             dtype or device, an empty batch, a temperature that is not a positive
             finite number, an unknown ``reduction`` or ``negative_mode``, a bad
-            ``chunk_size``, or ``symmetric=True`` with ``negative_keys``.
+            ``chunk_size``, ``symmetric=True`` with ``negative_keys``, or ``labels``
+            that are not an int64 tensor of shape (N,) on the query's device, or
+            given with ``negative_keys``.
 
     Example:
         >>> loss = info_nce(img_emb, txt_emb, temperature=0.07, symmetric=True, gather=True)
     """
     _check_options(reduction, chunk_size)
     _check_info_nce_inputs(query, positive_key, negative_keys, negative_mode, symmetric, gather)
+    _check_labels(labels, query, "query", negative_keys)
     _check_temperature(temperature)
     inv_temp = _inverse_temperature(temperature, query)
     return _info_nce(
         query, positive_key, negative_keys, inv_temp, reduction, negative_mode,
-        symmetric, normalize, chunk_size, gather, group,
+        symmetric, normalize, chunk_size, gather, group, labels,
     )  # fmt: skip
 
 
@@ -411,6 +559,7 @@ def nt_xent(
     chunk_size: int | None = None,
     gather: bool = False,
     group: ProcessGroup | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SimCLR's NT-Xent loss over 2N views.
 
@@ -429,22 +578,27 @@ def nt_xent(
         gather: pool the views of every rank; same gradient convention as
             :func:`info_nce`.
         group: process group for ``gather``.
+        labels: None, or one int64 class label per pair, Shape: (N,): SupCon over
+            the 2N views. A view's positives are every view of the pool with its
+            label except itself (its pair included); the denominator is unchanged.
 
     Returns:
         A 0-dim tensor, or Shape: (2N,) for ``reduction="none"``.
 
     Raises:
         ValueError: naming the argument, for bad shapes, mismatched D, dtype or
-            device, an empty batch, a bad temperature, reduction or chunk_size.
+            device, an empty batch, a bad temperature, reduction or chunk_size, or
+            ``labels`` that are not an int64 tensor of shape (N,) on z1's device.
 
     Example:
         >>> loss = nt_xent(proj(aug1(x)), proj(aug2(x)), temperature=0.5, gather=True)
     """
     _check_options(reduction, chunk_size)
     _check_nt_xent_inputs(z1, z2, gather)
+    _check_labels(labels, z1, "z1", None)
     _check_temperature(temperature)
     inv_temp = _inverse_temperature(temperature, z1)
-    return _nt_xent(z1, z2, inv_temp, reduction, normalize, chunk_size, gather, group)
+    return _nt_xent(z1, z2, inv_temp, reduction, normalize, chunk_size, gather, group, labels)
 
 
 # -------------------------------------------------------------------------- modules
@@ -542,14 +696,22 @@ class InfoNCE(_TemperatureModule):
         query: torch.Tensor,
         positive_key: torch.Tensor,
         negative_keys: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Loss of ``query`` against ``positive_key`` (see :func:`info_nce`).
+
+        Shape: query (N, D); positive_key (N, D); negative_keys None, (M, D) or
+        (N, M, D); labels None or (N,) int64.
+        """
         _check_info_nce_inputs(
             query, positive_key, negative_keys, self.negative_mode, self.symmetric, self.gather
         )
+        _check_labels(labels, query, "query", negative_keys)
         return _info_nce(
             query, positive_key, negative_keys, self._inv_temp(query), self.reduction,
             self.negative_mode, self.symmetric, self.normalize, self.chunk_size,
-            self.gather, self.group,
+            self.gather, self.group, labels,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -589,11 +751,18 @@ class NTXent(_TemperatureModule):
         self.gather = gather
         self.group = group
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z1: torch.Tensor, z2: torch.Tensor, *, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """NT-Xent of the views (see :func:`nt_xent`).
+
+        Shape: z1 (N, D); z2 (N, D); labels None or (N,) int64, one per pair.
+        """
         _check_nt_xent_inputs(z1, z2, self.gather)
+        _check_labels(labels, z1, "z1", None)
         return _nt_xent(
             z1, z2, self._inv_temp(z1), self.reduction, self.normalize, self.chunk_size,
-            self.gather, self.group,
+            self.gather, self.group, labels,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -76,6 +76,11 @@ class PairModel(nn.Module):
         """Evaluation features of ``x`` for tower ``view`` (0 or 1)."""
         raise NotImplementedError
 
+    def encode(self, x: torch.Tensor, view: int) -> torch.Tensor:
+        """What ``forward`` gives the loss for view ``view`` alone: the trainer encodes
+        explicit negatives (view 1) with it when gradient caching is on."""
+        raise NotImplementedError
+
 
 class SiameseModel(PairModel):
     """One encoder and one projection head shared by both views (SimCLR).
@@ -102,6 +107,9 @@ class SiameseModel(PairModel):
     def embed(self, x: torch.Tensor, view: int) -> torch.Tensor:
         return self.encoder(x)
 
+    def encode(self, x: torch.Tensor, view: int) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
 
 class TwoTowerModel(PairModel):
     """Separate encoder + projection per modality (CLIP).
@@ -123,6 +131,9 @@ class TwoTowerModel(PairModel):
     def embed(self, x: torch.Tensor, view: int) -> torch.Tensor:
         # The joint space (after the heads): retrieval compares the two towers, and
         # only the projections are trained to be comparable.
+        return self.encode(x, view)
+
+    def encode(self, x: torch.Tensor, view: int) -> torch.Tensor:
         if view == 0:
             return self.head0(self.encoder0(x))
         return self.head1(self.encoder1(x))

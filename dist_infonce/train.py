@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import netrc
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_infonce.cache import cached_backward
 from dist_infonce.checkpoint import (
     checkpoint_path,
     get_rng_state,
@@ -98,7 +100,8 @@ class Learner(nn.Module):
 
     Shape:
         x0: (B, *in0); x1: (B + M, *in1), the last M rows being explicit negatives
-        (``info_nce`` only). Output: () the loss.
+        (``info_nce`` only); labels: None or (B,) int64 (``loss.supervised``).
+        Output: () the loss.
     """
 
     def __init__(self, model: PairModel, loss_fn: nn.Module, kind: str) -> None:
@@ -107,18 +110,54 @@ class Learner(nn.Module):
         self.loss_fn = loss_fn
         self.kind = kind
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x0: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         z0, z1 = self.model(x0, x1)
         n = len(z0)
         if self.kind == "info_nce":
             negatives = z1[n:] if len(z1) > n else None
-            return self.loss_fn(z0, z1[:n], negatives)
-        return self.loss_fn(z0, z1)
+            return self.loss_fn(z0, z1[:n], negatives, labels=labels)
+        return self.loss_fn(z0, z1, labels=labels)
 
     @property
     def temperature(self) -> float:
         """The current temperature (learnable or fixed)."""
         return float(self.loss_fn.temperature.detach())
+
+    def cached_backward(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        x1: torch.Tensor,
+        labels: torch.Tensor | None,
+        *,
+        micro: int,
+        accelerator: Any,
+    ) -> torch.Tensor:
+        """The backward of ``forward(x0, x1, labels)`` with the encoders run ``micro`` rows at a
+        time (:func:`dist_infonce.cache.cached_backward`); returns the detached loss.
+
+        ``model`` is ``self.model`` as prepared (DDP under several processes); the loss
+        module stays outside DDP, and cached_backward averages its gradient. Explicit
+        negatives (the rows of ``x1`` past ``len(x0)``) are a second tower through
+        :meth:`PairModel.encode`, under the same autocast as the prepared forward.
+        """
+        n = len(x0)
+        towers: list[Any] = [model]
+        inputs: list[Any] = [(x0, x1[:n])]
+        if len(x1) > n:
+
+            def negatives(x: torch.Tensor) -> torch.Tensor:
+                with accelerator.autocast():
+                    return self.model.encode(x, 1)
+
+            towers.append(negatives)
+            inputs.append(x1[n:])
+        # A partial keeps the module visible to cached_backward (it averages the
+        # gradient of a learnable temperature over the ranks).
+        loss_fn = functools.partial(self.loss_fn, labels=labels)
+        return cached_backward(towers, loss_fn, inputs, micro, scaler=accelerator.scaler)
 
 
 # -------------------------------------------------------------------- process setup
@@ -321,14 +360,32 @@ def _embed_fn(model: PairModel, device: torch.device, batch_size: int, autocast:
 
 
 def _sample(data: ContrastiveData, cfg: Config, step: int, rank: int, micro: int) -> Any:
-    """The batch of ``(step, rank, micro)``: a pure function of the seed and these numbers."""
+    """The batch ``(x0, x1, labels)`` of ``(step, rank, micro)``: a pure function of the
+    seed and these numbers. ``labels`` is None unless ``loss.supervised``.
+
+    Raises:
+        ConfigError: ``loss.supervised`` with a data set that returns no labels.
+    """
     g = batch_generator(cfg.seed, step, rank, micro)
-    x0, x1 = data.sample(g, cfg.train.batch_size)[:2]
+    batch = data.sample(g, cfg.train.batch_size)
+    x0, x1 = batch[:2]
+    labels = None
+    if cfg.loss.supervised:
+        if len(batch) < 3:
+            raise ConfigError(
+                f"loss.supervised: data.name={cfg.data.name!r} returns no class labels "
+                "(its sample() gives two views only)"
+            )
+        labels = batch[2]
     if cfg.loss.num_negatives:
         # Explicit negatives: view-1 samples of other items, after the positives.
         negatives = data.sample(g, cfg.loss.num_negatives)[1]
         x1 = torch.cat([x1, negatives])
-    return x0, x1
+    return x0, x1, labels
+
+
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
 
 
 def train(cfg: Config, accelerator: Any) -> dict[str, float]:
@@ -359,6 +416,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     data = build_data(cfg.data, knn_k=cfg.eval.knn_k)
     model = build_model(cfg.model, data.input_shapes)
     learner = Learner(model, build_loss(cfg.loss), cfg.loss.kind)
+    if cfg.train.micro_batch_size is not None and cfg.loss.num_negatives:
+        _check_encode(model)
     lr = peak_lr(cfg.train, world)
     optimizer = build_optimizer(learner, cfg.train, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
@@ -384,7 +443,15 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
         if is_main:
             print(f"resuming from {found[0]} (step {start_step})", file=sys.stderr, flush=True)
 
-    learner, optimizer = accelerator.prepare(learner, optimizer)
+    micro_batch = cfg.train.micro_batch_size
+    if micro_batch is None:
+        learner, optimizer = accelerator.prepare(learner, optimizer)
+        encoder: nn.Module = learner
+    else:
+        # Gradient caching: DDP wraps the encoders only; the loss module runs once per
+        # step outside it (cached_backward averages a learnable temperature's gradient).
+        learner.to(accelerator.device)
+        encoder, optimizer = accelerator.prepare(learner.model, optimizer)
     device = accelerator.device
     if state is not None:
         if accelerator.scaler is not None and state.get("scaler"):
@@ -443,15 +510,23 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
         loss_sum = torch.zeros((), device=device)
         grad_norm = None
         for micro in range(cfg.train.grad_accum_steps):
-            x0, x1 = _sample(data, cfg, step, rank, micro)
-            with accelerator.accumulate(learner):
-                loss = inject_fault(learner(x0.to(device), x1.to(device)), step=done, rank=rank)
-                accelerator.backward(loss)
+            x0, x1, labels = _sample(data, cfg, step, rank, micro)
+            x0, x1, labels = x0.to(device), x1.to(device), _to(labels, device)
+            with accelerator.accumulate(encoder):
+                if micro_batch is None:
+                    loss = inject_fault(learner(x0, x1, labels), step=done, rank=rank)
+                    accelerator.backward(loss)
+                else:
+                    loss = unwrapped.cached_backward(
+                        encoder, x0, x1, labels, micro=micro_batch, accelerator=accelerator
+                    )
                 # One all-reduce per optimizer step: signals and non-finite values, agreed.
-                ok = not accelerator.sync_gradients or guard.check(loss, learner.parameters(), done)
+                ok = not accelerator.sync_gradients or guard.check(
+                    loss, unwrapped.parameters(), done
+                )
                 if ok and accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(
-                        learner.parameters(), cfg.train.grad_clip
+                        unwrapped.parameters(), cfg.train.grad_clip
                     )
                 if ok:
                     optimizer.step()
@@ -473,6 +548,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
                 "samples_per_s": (done - last_logged) * samples_per_step / (now - t_last),
                 "world_size": world,
                 "global_batch": samples_per_step,
+                "micro_batch_size": micro_batch or cfg.train.batch_size,
                 "peak_mem_mb": peak_memory_mb(device),
                 "time_s": now - t_start,
             }
@@ -514,6 +590,15 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     # Ranks > 0 wait here while rank 0 evaluates (bounded by dist.timeout_s).
     accelerator.wait_for_everyone()
     return results
+
+
+def _check_encode(model: PairModel) -> None:
+    """Explicit negatives under gradient caching need ``PairModel.encode``."""
+    if type(model).encode is PairModel.encode:
+        raise ConfigError(
+            f"train.micro_batch_size with loss.num_negatives needs {type(model).__name__}"
+            ".encode(x, view) (the projection of one view; see PairModel)"
+        )
 
 
 def _save(

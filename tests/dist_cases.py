@@ -95,19 +95,30 @@ def _count_collectives() -> Iterator[list[tuple[str, int]]]:
             setattr(dist, n, fn)
 
 
-def collectives_case(mode: str, n: int, d: int, chunk: int | None) -> dict[str, Any]:
+def collectives_case(
+    mode: str,
+    n: int,
+    d: int,
+    chunk: int | None,
+    labeled: bool = False,
+    normalize: bool = True,
+) -> dict[str, Any]:
     """Collectives issued by one forward and one backward with gather=True."""
     torch.manual_seed(dist.get_rank())
     q = torch.randn(n, d, requires_grad=True)
     k = torch.randn(n, d, requires_grad=True)
     neg = torch.randn(n + 1, d, requires_grad=True) if mode == "unpaired" else None
+    labels = torch.randint(0, 3, (n,)) if labeled else None
     with _count_collectives() as fwd:
         if mode == "ntxent":
             from dist_infonce import nt_xent
 
-            loss = nt_xent(q, k, gather=True, chunk_size=chunk)
+            loss = nt_xent(q, k, gather=True, chunk_size=chunk, labels=labels)
         else:
-            loss = info_nce(q, k, neg, symmetric=mode == "sym", gather=True, chunk_size=chunk)
+            loss = info_nce(
+                q, k, neg, symmetric=mode == "sym", gather=True, chunk_size=chunk,
+                labels=labels, normalize=normalize,
+            )  # fmt: skip
     with _count_collectives() as bwd:
         loss.backward()
     return {"forward": list(fwd), "backward": list(bwd)}
@@ -129,11 +140,17 @@ class Towers(nn.Module):
             self.k = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D_EMB))
         self.loss = loss
 
-    def forward(self, xq: torch.Tensor, xk: torch.Tensor, xn: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xn: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.mode == "ntxent":
-            return self.loss(self.q(xq), self.q(xk))  # one encoder, two views
+            return self.loss(self.q(xq), self.q(xk), labels=labels)  # one encoder, two views
         neg = None if xn is None else self.k(xn)
-        return self.loss(self.q(xq), self.k(xk), neg)
+        return self.loss(self.q(xq), self.k(xk), neg, labels=labels)
 
 
 def make_model(mode: str, chunk: int | None, temperature: float, gather: bool, seed: int) -> Towers:
@@ -171,6 +188,13 @@ def make_data(
     return xq, xk, xn
 
 
+def make_labels(sizes: list[int], seed: int) -> torch.Tensor:
+    """Global labels: few classes, int64 values only exact comparison tells apart."""
+    classes = torch.tensor([2**62, 2**62 + 1, -(2**63), 2**63 - 1], dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed + 2)
+    return classes[torch.randint(0, len(classes), (sum(sizes),), generator=g)]
+
+
 def ddp_case(
     mode: str,
     sizes: list[int],
@@ -178,18 +202,20 @@ def ddp_case(
     chunk: int | None,
     temperature: float,
     seed: int,
+    labeled: bool = False,
 ) -> dict[str, Any]:
     """One DDP step on this rank's slice; return the loss and the averaged gradients."""
     rank = dist.get_rank()
     xq, xk, xn = make_data(mode, sizes, neg_sizes, seed)
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    labels = make_labels(sizes, seed)[rows] if labeled else None
     if mode == "unpaired":
         xn = xn[sum(neg_sizes[:rank]) : sum(neg_sizes[: rank + 1])]
     elif mode == "paired":
         xn = xn[rows]
     model = make_model(mode, chunk, temperature, gather=True, seed=seed)
     ddp = DistributedDataParallel(model)
-    loss = ddp(xq[rows], xk[rows], xn)
+    loss = ddp(xq[rows], xk[rows], xn, labels)
     loss.backward()
     return {
         "loss": loss.item(),
@@ -210,3 +236,53 @@ def subgroup_case(sizes: list[int], seed: int) -> dict[str, Any]:
     loss = info_nce(q, k, symmetric=True, gather=True, group=group, chunk_size=2)
     loss.backward()
     return {"loss": loss.item(), "dq": q.grad, "dk": k.grad}
+
+
+def symmetric_case(
+    sizes: list[int],
+    seed: int,
+    temperature: float,
+    normalize: bool,
+    scale: float,
+    chunk: int | None,
+) -> dict[str, Any]:
+    """The gathered symmetric loss on this rank's slice: value and input gradients."""
+    rank = dist.get_rank()
+    xq, xk, _ = make_data("sym", sizes, [], seed)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    q = (scale * xq[rows]).requires_grad_()
+    k = (scale * xk[rows]).requires_grad_()
+    t = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
+    loss = info_nce(
+        q, k, temperature=t, symmetric=True, gather=True, normalize=normalize, chunk_size=chunk
+    )
+    loss.backward()
+    return {"loss": loss.item(), "dq": q.grad, "dk": k.grad, "dt": t.grad}
+
+
+def labels_reduction_case(
+    mode: str, sizes: list[int], seed: int, reduction: str, chunk: int | None
+) -> dict[str, Any]:
+    """Labelled loss with ``reduction`` on this rank's slice, backpropagated with a
+    rank-specific cotangent slice: the output and the input gradients."""
+    from dist_infonce import nt_xent
+
+    rank = dist.get_rank()
+    xq, xk, _ = make_data("sym", sizes, [], seed)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    q, k = xq[rows].clone().requires_grad_(), xk[rows].clone().requires_grad_()
+    labels = make_labels(sizes, seed)[rows]
+    kw: dict[str, Any] = {"reduction": reduction, "gather": True, "chunk_size": chunk}
+    if mode == "ntxent":
+        out = nt_xent(q, k, 0.3, labels=labels, **kw)
+        w = cotangent(sizes, seed)[rows].repeat(2) if reduction == "none" else 1.0
+    else:
+        out = info_nce(q, k, temperature=0.3, symmetric=mode == "sym", labels=labels, **kw)
+        w = cotangent(sizes, seed)[rows] if reduction == "none" else 1.0
+    (out * w).sum().backward()
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad}
+
+
+def cotangent(sizes: list[int], seed: int) -> torch.Tensor:
+    """Per-row weights of the global batch for ``reduction="none"`` backward."""
+    return torch.linspace(0.5, 1.5, sum(sizes), dtype=torch.float64)

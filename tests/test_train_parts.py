@@ -133,9 +133,10 @@ def test_schedule_and_scaling_rule() -> None:
 
 def test_batches_are_a_function_of_seed_step_rank() -> None:
     data = DigitsData(DataConfig())
-    a0, a1 = data.sample(batch_generator(0, 5, 1), 32)
-    b0, b1 = data.sample(batch_generator(0, 5, 1), 32)
-    assert torch.equal(a0, b0) and torch.equal(a1, b1)
+    a0, a1, a_labels = data.sample(batch_generator(0, 5, 1), 32)
+    b0, b1, b_labels = data.sample(batch_generator(0, 5, 1), 32)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1) and torch.equal(a_labels, b_labels)
+    assert a_labels.dtype == torch.int64 and a_labels.shape == (32,)
     assert a0.shape == (32, 1, 8, 8) and not torch.equal(a0, a1)  # two different views
     for other in (batch_generator(0, 5, 0), batch_generator(0, 6, 1), batch_generator(1, 5, 1)):
         assert not torch.equal(data.sample(other, 32)[0], a0)

@@ -1,0 +1,476 @@
+"""Gradient caching: a global batch bounded by neither the loss's memory nor the encoder's.
+
+A contrastive loss couples every row of the batch with every other, so the batch
+cannot simply be split into independent micro-steps (their negatives would not be
+shared). Gradient caching splits the *encoder* work instead and keeps the loss whole:
+
+1. pass 1: every micro-batch through the model without grad (its RNG state saved);
+2. the loss once, on the outputs of all micro-batches, and its backward down to
+   those outputs: one gradient per output row, kept (the "cache");
+3. pass 2: every micro-batch again, with grad and the saved RNG state, and its
+   outputs back-propagated with their cached gradients.
+
+Peak memory is the inputs, the outputs and their gradients (O(B * D)), plus one
+micro-batch's activations, plus the loss (linear in B with the chunked kernel),
+instead of the activations of the whole batch. The price is one extra forward.
+
+The parameter gradients are exactly those of ``loss.backward()`` on the plain
+computation over the same micro-batch forwards: the chain rule splits at the
+outputs, and pass 2 recomputes the very same outputs (same weights, same dropout
+masks, same buffers). What a micro-batch changes is what normalisation layers see:
+BatchNorm normalises with the statistics of its micro-batch, in both passes alike.
+
+Entry point: :func:`cached_backward`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["cached_backward"]
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+@dataclass
+class _Tower:
+    """One callable and its inputs; ``cached_backward`` runs one or several of them."""
+
+    fn: Callable[..., Any]
+    inputs: tuple[torch.Tensor, ...]
+    name: str  # how error messages refer to its inputs ("inputs" or "inputs[1]")
+    # Filled by pass 1:
+    rng: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+    outputs: list[tuple[Any, ...]] = field(default_factory=list)
+
+    @property
+    def ddp(self) -> DistributedDataParallel | None:
+        return self.fn if isinstance(self.fn, DistributedDataParallel) else None
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The module behind the callable (DDP unwrapped; a bound method's owner)."""
+        fn = self.fn.module if isinstance(self.fn, DistributedDataParallel) else self.fn
+        if isinstance(fn, nn.Module):
+            return fn
+        owner = getattr(fn, "__self__", None)
+        return owner if isinstance(owner, nn.Module) else None
+
+    @property
+    def trainable(self) -> bool:
+        """False for a frozen tower (no parameter and no input needs a gradient)."""
+        if any(x.requires_grad for x in self.inputs):
+            return True
+        module = self.module
+        if module is None:
+            return True  # a plain function: nothing tells, so run it
+        return any(p.requires_grad for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_micro_batch_size(micro_batch_size: object) -> int:
+    if (
+        isinstance(micro_batch_size, bool)
+        or not isinstance(micro_batch_size, int)
+        or micro_batch_size < 1
+    ):
+        raise ValueError(f"micro_batch_size must be an int >= 1, got {micro_batch_size!r}")
+    return micro_batch_size
+
+
+def _as_inputs(name: str, inputs: object) -> tuple[torch.Tensor, ...]:
+    """``inputs`` as a non-empty tuple of tensors with one common first dimension B >= 1."""
+    xs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+    if (
+        not isinstance(xs, list | tuple)
+        or not xs
+        or not all(isinstance(x, torch.Tensor) for x in xs)
+    ):
+        raise ValueError(
+            f"{name} must be a Tensor or a non-empty tuple of Tensors, got {type(inputs).__name__}"
+        )
+    rows = [x.shape[0] if x.dim() > 0 else None for x in xs]
+    if None in rows:
+        raise ValueError(
+            f"{name}: every tensor needs a first (batch) dimension, got a 0-dim tensor"
+        )
+    if len(set(rows)) > 1:
+        raise ValueError(f"{name}: all tensors must have the same first dimension B, got {rows}")
+    return tuple(xs)
+
+
+def _towers(model: object, inputs: object) -> list[_Tower]:
+    if isinstance(model, list | tuple):
+        if not isinstance(inputs, list | tuple) or len(inputs) != len(model):
+            raise ValueError(
+                f"inputs must hold one entry per tower when model is a sequence of "
+                f"{len(model)} callables, got {type(inputs).__name__}"
+                + (f" of length {len(inputs)}" if isinstance(inputs, list | tuple) else "")
+            )
+        pairs = [(m, x, f"inputs[{i}]") for i, (m, x) in enumerate(zip(model, inputs, strict=True))]
+    else:
+        pairs = [(model, inputs, "inputs")]
+    towers = []
+    for i, (fn, xs, name) in enumerate(pairs):
+        if not callable(fn):
+            label = "model" if len(pairs) == 1 else f"model[{i}]"
+            raise ValueError(f"{label} must be callable, got {type(fn).__name__}")
+        towers.append(_Tower(fn=fn, inputs=_as_inputs(name, xs), name=name))
+    return towers
+
+
+def _rows(x: torch.Tensor, micro_rows: int, tower: _Tower, k: int) -> bool:
+    """True for a per-row output; False for a 0-dim one (a per-batch scalar)."""
+    if x.dim() == 0:
+        return False
+    if x.shape[0] != micro_rows:
+        raise ValueError(
+            f"model output {k} (for {tower.name}) has {x.shape[0]} rows for a micro-batch "
+            f"of {micro_rows} rows; every output needs one row per input row (or 0 dims)"
+        )
+    return True
+
+
+def _as_tuple(out: object, tower: _Tower) -> tuple[Any, ...]:
+    outs = (out,) if isinstance(out, torch.Tensor) else out
+    if not isinstance(outs, tuple | list) or not all(isinstance(o, torch.Tensor) for o in outs):
+        raise ValueError(
+            f"model (for {tower.name}) must return a Tensor or a tuple of Tensors, "
+            f"got {type(out).__name__}"
+        )
+    return tuple(outs)
+
+
+# ------------------------------------------------------------------------- RNG state
+
+
+def _cuda_devices(towers: Sequence[_Tower]) -> list[int]:
+    """The CUDA devices whose generators a forward may draw from: inputs' and parameters'."""
+    devices = {x.device.index for t in towers for x in t.inputs if x.is_cuda}
+    for t in towers:
+        module = t.module
+        if module is not None:
+            devices |= {p.device.index for p in module.parameters() if p.is_cuda}
+    if devices and torch.cuda.is_available():
+        devices.add(torch.cuda.current_device())  # where an unplaced randn would draw
+    return sorted(d for d in devices if d is not None)
+
+
+def _get_rng(devices: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+@contextmanager
+def _replayed_rng(
+    state: tuple[torch.Tensor, list[torch.Tensor]], devices: Sequence[int]
+) -> Iterator[None]:
+    """Run with the generators as pass 1 saw them; afterwards they are as before.
+
+    Pass 1 already advanced the generators once per micro-batch, exactly as the
+    plain forwards would; forking keeps pass 2 from advancing them a second time.
+    """
+    with torch.random.fork_rng(devices=list(devices), device_type="cuda"):
+        torch.set_rng_state(state[0])
+        for d, s in zip(devices, state[1], strict=True):
+            torch.cuda.set_rng_state(s, d)
+        yield
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+def _buffers(towers: Sequence[_Tower]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in towers:
+        module = t.module
+        if module is not None:
+            for b in module.buffers():
+                seen.setdefault(id(b), b)
+    return list(seen.values())
+
+
+def _broadcast_buffers(ddp: DistributedDataParallel) -> None:
+    """Send rank 0's buffers now if DDP would send them at its next forward.
+
+    DDP (``broadcast_buffers=True``) overwrites every rank's buffers with rank 0's at
+    the start of a forward that follows a synced one. Pass 1 bypasses DDP (it has
+    nothing to reduce), so without this, pass 1 would see this rank's buffers and pass
+    2 rank 0's. Sending them first makes both passes see rank 0's; DDP's own send in
+    pass 2 then carries the same values. One send per dtype, on every rank.
+    """
+    if not ddp.will_sync_module_buffers():
+        return
+    group = ddp.process_group
+    src = dist.get_global_rank(group, 0)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in ddp.module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        with torch.no_grad():
+            for b in bufs:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+
+def _agree_nonempty(towers: Sequence[_Tower]) -> None:
+    """Under DDP, every rank learns whether some rank has an empty batch (no hang).
+
+    A rank with no rows cannot run the synced forward/backward DDP needs; if it
+    raised alone, the others would wait in the loss's gather until the timeout.
+    """
+    ddp = next((t.ddp for t in towers if t.ddp is not None), None)
+    if ddp is None or not dist.is_initialized() or dist.get_world_size(ddp.process_group) == 1:
+        return
+    group = ddp.process_group
+    device = next(ddp.module.parameters()).device if dist.get_backend(group) == "nccl" else "cpu"
+    rows = torch.tensor([min(t.inputs[0].shape[0] for t in towers)], device=device)
+    counts = [torch.zeros_like(rows) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, rows, group=group)
+    empty = [r for r, c in enumerate(counts) if int(c) == 0]
+    if empty:
+        raise ValueError(
+            f"inputs is an empty batch (B = 0) on rank(s) {empty} of the DDP group; "
+            "cached_backward needs B >= 1 on every rank"
+        )
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def _loss_module(loss_fn: object) -> object:
+    """The callable behind ``functools.partial`` layers (a loss module with bound labels)."""
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return loss_fn
+
+
+def _loss_params(loss_fn: object) -> list[nn.Parameter]:
+    loss_fn = _loss_module(loss_fn)
+    if isinstance(loss_fn, nn.Module) and not isinstance(loss_fn, DistributedDataParallel):
+        return [p for p in loss_fn.parameters() if p.requires_grad]
+    return []
+
+
+@contextmanager
+def _averaged_over_ranks(params: Sequence[nn.Parameter], group: Any) -> Iterator[None]:
+    """Average over ``group`` the gradient that the block adds to ``params``.
+
+    The loss module lives outside DDP, so nothing else would average its gradient
+    (a learnable temperature); without this, each rank would step with its own
+    share, world_size times the convention of DESIGN.md. One all-reduce.
+    """
+    if not params or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        yield
+        return
+    before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    yield
+    added = [
+        torch.zeros_like(p) if p.grad is None else p.grad - (0 if b is None else b)
+        for p, b in zip(params, before, strict=True)
+    ]
+    flat = torch.cat([a.reshape(-1) for a in added])
+    if dist.get_backend(group) != "nccl" and flat.is_cuda:
+        flat = flat.cpu()
+    dist.all_reduce(flat, group=group)
+    flat = flat.to(params[0].device) / dist.get_world_size(group)
+    offset = 0
+    for p, b in zip(params, before, strict=True):
+        avg = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        p.grad = avg if b is None else b + avg
+        offset += p.numel()
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    # Half-precision outputs reach the loss upcast: the cached gradients stay float32
+    # (and, with a grad scaler, keep their scale without overflowing fp16); they are
+    # rounded to the output's dtype only where pass 2 hands them to the model.
+    leaf = x.detach()
+    if leaf.dtype in (torch.float16, torch.bfloat16):
+        leaf = leaf.float()
+    return leaf.requires_grad_(leaf.is_floating_point())
+
+
+# ---------------------------------------------------------------------------- entry
+
+
+def cached_backward(
+    model: Callable[..., Any] | Sequence[Callable[..., Any]],
+    loss_fn: Callable[..., torch.Tensor],
+    inputs: Inputs | Sequence[Inputs],
+    micro_batch_size: int,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """Back-propagate ``loss_fn(*model(*inputs))`` running the model in micro-batches.
+
+    The loss sees every row at once (all negatives shared); the model only ever holds
+    the activations of ``micro_batch_size`` rows. Every parameter's ``.grad``
+    accumulates exactly what ``loss.backward()`` of the plain computation over the
+    same micro-batch forwards would give.
+
+    Args:
+        model: called as ``model(*micro)``, ``micro`` the row slices of ``inputs``;
+            returns a Tensor or a tuple of Tensors with one row per input row. A 0-dim
+            output (a per-batch scalar such as OpenCLIP's ``logit_scale.exp()``) must
+            be the same in every micro-batch: the loss gets it once and its gradient is
+            back-propagated once, in the last micro-batch. May be DDP-wrapped: its
+            gradients are then all-reduced once per call (``no_sync`` on every
+            micro-batch but the last, also when ranks hold different numbers of rows).
+            A sequence of callables (towers) runs each on its own entry of ``inputs``
+            (their row counts may differ); a tower without trainable parameters (and
+            with inputs that need no gradient) is not re-run in pass 2.
+        loss_fn: called once as ``loss_fn(*outputs)`` on the outputs concatenated over
+            the micro-batches (the outputs of all towers, in order); returns a 0-dim
+            tensor. If it is an ``nn.Module`` with trainable parameters (a learnable
+            temperature; also behind ``functools.partial``, e.g. with bound ``labels``)
+            and torch.distributed is initialised, the gradient this call
+            adds to them is averaged over the ranks of ``loss_fn.group`` (the world if
+            it has none), so they follow the same convention as DDP's parameters.
+        inputs: a Tensor or a tuple of Tensors with one first dimension B >= 1 (B may
+            differ between ranks); with towers, one such entry per tower.
+        micro_batch_size: rows per model call; consecutive slices, the remainder last.
+        scaler: an fp16 ``torch.amp.GradScaler``: the loss is scaled once, before its
+            backward, so the cached gradients and every ``.grad`` carry the scale.
+
+    Returns:
+        The loss, detached (unscaled). Shape: ().
+
+    Raises:
+        ValueError: naming the argument, for ``micro_batch_size < 1``, inputs whose
+            first dimensions differ, an empty batch (on any rank of a DDP model's
+            group), outputs whose row count differs from their micro-batch's, 0-dim
+            outputs that differ between micro-batches, or a loss that is not 0-dim.
+
+    Semantics worth knowing:
+        Dropout masks are replayed from the CPU and CUDA generator states saved in
+        pass 1; afterwards the generators are where the plain forwards leave them.
+        BatchNorm normalises each micro-batch with its own statistics (both passes),
+        and its running buffers are updated exactly once per micro-batch: pass 1
+        leaves the model's buffers as it found them. Outputs in float16/bfloat16 reach
+        ``loss_fn`` as float32.
+
+    Example:
+        >>> loss_fn = InfoNCE(symmetric=True, gather=True, learn_temperature=True)
+        >>> loss = cached_backward(ddp_model, loss_fn, (images, texts), micro_batch_size=256)
+        >>> optimizer.step()
+    """
+    micro = _check_micro_batch_size(micro_batch_size)
+    towers = _towers(model, inputs)
+    _agree_nonempty(towers)  # first: a rank that raised alone would leave the others waiting
+    for t in towers:
+        if t.inputs[0].shape[0] == 0:
+            raise ValueError(f"{t.name} is an empty batch (B = 0); cached_backward needs B >= 1")
+    # DDP towers last: a plain callable sharing their parameters (the trainer's
+    # explicit negatives go through the DDP model's inner module) must finish its
+    # backward before the synced one that all-reduces them. Pass 1 and pass 2 keep
+    # the same order, so the buffers evolve identically in both.
+    order = sorted(range(len(towers)), key=lambda i: towers[i].ddp is not None)
+    devices = _cuda_devices(towers)
+    for i in order:
+        if towers[i].ddp is not None:
+            _broadcast_buffers(towers[i].ddp)
+    buffers = _buffers(towers)
+    saved = [b.detach().clone() for b in buffers]
+
+    # Pass 1: outputs without grad, generator states saved per micro-batch.
+    with torch.no_grad():
+        for i in order:
+            t = towers[i]
+            # A DDP model's own forward only matters for the synced pass 2 call; its
+            # inner module gives the same outputs (accelerate puts autocast there).
+            fn = t.ddp.module if t.ddp is not None else t.fn
+            for chunk in zip(*(x.split(micro) for x in t.inputs), strict=True):
+                t.rng.append(_get_rng(devices))
+                out = _as_tuple(fn(*chunk), t)
+                t.outputs.append(out)
+    with torch.no_grad():
+        for b, s in zip(buffers, saved, strict=True):
+            b.copy_(s)
+    del saved
+
+    # The loss, once, over every row; its backward fills the cache.
+    leaves: list[list[torch.Tensor]] = []
+    for t in towers:
+        leaves.append([_leaf(part) for part in _joined_outputs(t, micro)])
+        t.outputs.clear()  # only the leaves are kept (O(B * D))
+    params = _loss_params(loss_fn)
+    with _averaged_over_ranks(params, getattr(_loss_module(loss_fn), "group", None)):
+        loss = loss_fn(*(leaf for tower_leaves in leaves for leaf in tower_leaves))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(
+                "loss_fn must return a 0-dim tensor, got "
+                + (
+                    f"shape {tuple(loss.shape)}"
+                    if isinstance(loss, torch.Tensor)
+                    else type(loss).__name__
+                )
+            )
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    # Pass 2: each micro-batch again, with grad, back-propagating its cached rows.
+    for i in order:
+        t = towers[i]
+        if not t.trainable:
+            continue
+        grads = [leaf.grad for leaf in leaves[i]]
+        chunks = list(zip(*(x.split(micro) for x in t.inputs), strict=True))
+        start = 0
+        for j, chunk in enumerate(chunks):
+            last = j == len(chunks) - 1
+            sync = t.ddp.no_sync() if t.ddp is not None and not last else nullcontext()
+            rows = chunk[0].shape[0]
+            with sync, _replayed_rng(t.rng[j], devices):
+                out = _as_tuple(t.fn(*chunk), t)
+                targets, grad_outputs = [], []
+                for k, (o, g) in enumerate(zip(out, grads, strict=True)):
+                    if g is None or not o.requires_grad:
+                        continue
+                    if _rows(o, rows, t, k):
+                        targets.append(o)
+                        grad_outputs.append(g[start : start + rows].to(o.dtype))
+                    elif last:  # a per-batch scalar: its gradient counted once
+                        targets.append(o)
+                        grad_outputs.append(g.to(o.dtype))
+                if targets:
+                    torch.autograd.backward(targets, grad_outputs)
+            start += rows
+    return loss.detach()
+
+
+def _joined_outputs(tower: _Tower, micro: int) -> list[torch.Tensor]:
+    """Pass 1's outputs of ``tower``, concatenated over micro-batches (0-dim: one copy)."""
+    b = tower.inputs[0].shape[0]
+    rows = [min(micro, b - s) for s in range(0, b, micro)]
+    if len({len(out) for out in tower.outputs}) > 1:
+        raise ValueError(
+            f"model (for {tower.name}) returned different numbers of outputs for different "
+            "micro-batches"
+        )
+    joined = []
+    for k in range(len(tower.outputs[0])):
+        parts = [out[k] for out in tower.outputs]
+        per_row = [_rows(p, r, tower, k) for p, r in zip(parts, rows, strict=True)]
+        if all(per_row):
+            joined.append(torch.cat(parts))
+        elif any(per_row) or any(not torch.equal(p, parts[0]) for p in parts[1:]):
+            raise ValueError(
+                f"model output {k} (for {tower.name}) is 0-dim but differs between "
+                "micro-batches; a 0-dim output must be a per-batch constant"
+            )
+        else:
+            joined.append(parts[0])
+    return joined
