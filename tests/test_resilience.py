@@ -9,7 +9,7 @@ Three layers:
   real Slurm test cluster, with signals sent from outside (``kill``, ``scancel
   --signal``) and faults injected by ``DIST_INFONCE_TEST_FAULT`` (a NaN loss, a
   SIGKILL mid-step). Every interrupted run is compared with one uninterrupted run
-  of the same config (``ref``): the logged losses must be equal.
+  of the same config (``resilience_ref``): the logged losses must be equal.
 
 Each fault test prints how long the surviving ranks took to exit.
 """
@@ -44,7 +44,6 @@ from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F40
 from tests.test_train import REPO, Started, clean_env, last_step, train_rows
 
 #: A short run with fast steps (~20 ms each here): long enough to be interrupted.
-#: The reference run is session-scoped: tests/test_two_nodes.py compares with it too.
 STEPS = 80
 CONFIG = (
     f"train.steps={STEPS}",
@@ -208,10 +207,9 @@ class Ref:
     env: dict[str, str]
 
 
-@pytest.fixture(scope="session")
-def ref(tmp_path_factory: pytest.TempPathFactory) -> Ref:
-    """The uninterrupted 2-rank run every interrupted run is compared with."""
-    tmp = tmp_path_factory.mktemp("resilience-ref")
+def start_ref(tmp: Path) -> Ref:
+    """The uninterrupted 2-rank run every interrupted run is compared with (the session
+    fixture ``resilience_ref`` in conftest.py runs it once for both test modules)."""
     env = clean_env(tmp)
     out = tmp / "run"
     p = Started(
@@ -223,7 +221,9 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Ref:
 
 
 @pytest.mark.slow
-def test_torchrun_sigterm_saves_exits_75_and_resume_matches(ref: Ref, tmp_path: Path) -> None:
+def test_torchrun_sigterm_saves_exits_75_and_resume_matches(
+    resilience_ref: Ref, tmp_path: Path
+) -> None:
     """SIGTERM to torchrun (a user's kill): the workers finish the step, one checkpoint,
     exit 75; the same command resumes and logs the same losses as the uninterrupted run."""
     out, env = tmp_path / "run", clean_env(tmp_path)
@@ -246,11 +246,13 @@ def test_torchrun_sigterm_saves_exits_75_and_resume_matches(ref: Ref, tmp_path: 
     rc, output = finish(again)
     assert rc == 0, output[-4000:]
     assert f"(step {stopped})" in output
-    assert_same_losses(out, ref.out, f"SIGTERM at step {stopped} + resume")
+    assert_same_losses(out, resilience_ref.out, f"SIGTERM at step {stopped} + resume")
 
 
 @pytest.mark.slow
-def test_torchrun_max_restarts_resumes_after_a_killed_worker(ref: Ref, tmp_path: Path) -> None:
+def test_torchrun_max_restarts_resumes_after_a_killed_worker(
+    resilience_ref: Ref, tmp_path: Path
+) -> None:
     """Rank 1 SIGKILLed mid-step 25; --max-restarts=1 restarts the group, which resumes from
     the step-20 checkpoint and ends with the uninterrupted run's losses."""
     out, env = tmp_path / "run", clean_env(tmp_path)
@@ -264,7 +266,7 @@ def test_torchrun_max_restarts_resumes_after_a_killed_worker(ref: Ref, tmp_path:
     assert rc == 0, output[-4000:]
     assert "SIGKILL rank 1 at step 25" in output
     assert "step_00000020.pt (step 20)" in output, output[-4000:]
-    assert_same_losses(out, ref.out, "worker SIGKILL at step 25 + torchrun restart")
+    assert_same_losses(out, resilience_ref.out, "worker SIGKILL at step 25 + torchrun restart")
 
 
 def _survivors_exit(procs: Sequence[Started], label: str, timeout_s: float) -> str:
@@ -488,7 +490,7 @@ def test_checkpoint_write_failing_midway_keeps_the_last_good_one(tmp_path: Path)
 
 @pytest.mark.slow
 def test_sbatch_usr1_checkpoints_requeues_and_resumes(
-    ref: Ref, slurm_cluster: SlurmCluster, tmp_path: Path
+    resilience_ref: Ref, slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
     """``scancel --signal=USR1`` (what ``--signal=USR1@T`` sends) to a running
     slurm/train.sbatch job: checkpoint, ``scontrol requeue``, the job restarts with
@@ -517,7 +519,7 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(
     assert "SIGUSR1: stopped after step" in res.output and f"Slurm job {job} requeued" in res.output
     print(next(line for line in res.output.splitlines() if "stopped after step" in line))
     assert "(restart 1)" in res.output and "resuming from" in res.output
-    assert_same_losses(out, ref.out, "Slurm USR1 + requeue")
+    assert_same_losses(out, resilience_ref.out, "Slurm USR1 + requeue")
     runs = sorted(p.name for p in (tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.rsplit("-", 1)[-1] for r in runs}) == 1, runs
 

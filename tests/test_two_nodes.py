@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests import slurm_cluster as sc
-from tests.test_resilience import CONFIG, Ref, assert_same_losses, finish, ref  # noqa: F401
+from tests.test_resilience import CONFIG, Ref, assert_same_losses, finish
 from tests.test_train import REPO, Started, clean_env
 
 pytestmark = pytest.mark.slow
@@ -112,7 +112,7 @@ def two_namespaces(hosts: Mapping[str, str] | None = None) -> Iterator[Net]:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def test_torchrun_two_nodes_over_veth_match_one_node(ref: Ref, tmp_path: Path) -> None:  # noqa: F811
+def test_torchrun_two_nodes_over_veth_match_one_node(resilience_ref: Ref, tmp_path: Path) -> None:
     """torchrun --nnodes=2 --node_rank=i, one process per namespace, static rendezvous on
     node 0's veth address: the losses equal the one-node two-process run."""
     out, env = tmp_path / "run", clean_env(tmp_path)
@@ -148,7 +148,9 @@ def test_torchrun_two_nodes_over_veth_match_one_node(ref: Ref, tmp_path: Path) -
             for node in nodes:
                 if node.proc.poll() is None:
                     node.kill()
-    assert_same_losses(out, ref.out, "two namespaces over veth (torchrun, static rendezvous)")
+    assert_same_losses(
+        out, resilience_ref.out, "two namespaces over veth (torchrun, static rendezvous)"
+    )
 
 
 # ------------------------------------------------------------------------- Slurm
@@ -282,7 +284,7 @@ def two_node_cluster(net: Net) -> Iterator[NetnsCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_sbatch_two_nodes_one_slurmd_per_namespace(ref: Ref, tmp_path: Path) -> None:  # noqa: F811
+def test_sbatch_two_nodes_one_slurmd_per_namespace(resilience_ref: Ref, tmp_path: Path) -> None:
     """``sbatch -N 2 slurm/train.sbatch``: one torchrun per node (c10d on n0), gloo over the
     veth; both nodes take part and the losses equal the one-node run."""
     sc.skip_without_slurm()
@@ -306,4 +308,4 @@ def test_sbatch_two_nodes_one_slurmd_per_namespace(ref: Ref, tmp_path: Path) -> 
         assert "2 node(s) x 1 process(es), rendezvous n0:" in res.output
         fields = cluster._job_fields(job)
         assert fields.get("NodeList") == "n[0-1]", fields
-    assert_same_losses(out, ref.out, "sbatch -N 2, one slurmd per namespace")
+    assert_same_losses(out, resilience_ref.out, "sbatch -N 2, one slurmd per namespace")
