@@ -25,6 +25,7 @@ import importlib
 import inspect
 import itertools
 import math
+import signal
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -93,6 +94,11 @@ class TrainConfig:
     """Rows per encoder pass (gradient caching, dist_infonce.cache): the loss still sees
     batch_size x world_size rows, the encoder holds activations of this many; null =
     the whole per-rank batch in one pass. BatchNorm then normalises per micro-batch."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient on any rank: stop = write the last good state as a
+    checkpoint and exit 3 naming the step (the default: a NaN usually means divergence,
+    and every later step would repeat it); skip = drop that optimizer step on every rank
+    and log it (``nonfinite_skipped`` in metrics.jsonl), for rare bad batches."""
 
 
 @dataclass
@@ -220,6 +226,13 @@ class DistConfig:
 
     timeout_s: float = 600.0
     """Collective timeout: a rank that died makes the others fail after this, not hang."""
+    requeue_signal: str = "SIGUSR1"
+    """On this signal (Slurm's ``--signal=USR1@T`` warning, ``scancel --signal=USR1``) every
+    rank finishes its step, rank 0 writes a checkpoint and runs ``scontrol requeue``, and
+    the run exits 75; outside Slurm it only saves and exits 75. Empty: no handler."""
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
+    """On these signals every rank finishes its step, rank 0 writes a checkpoint, and the
+    run exits 75 without requeueing (a plain ``kill``, ``scancel``, torchrun's shutdown)."""
 
 
 @dataclass
@@ -560,9 +573,23 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.log.every >= 1, "log.every", f"must be >= 1, got {cfg.log.every}")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
+    for key, names in (
+        ("dist.requeue_signal", [cfg.dist.requeue_signal] if cfg.dist.requeue_signal else []),
+        ("dist.stop_signals", cfg.dist.stop_signals),
+    ):
+        for name in names:
+            _check(_is_signal(name), key, f"{name!r} is not a signal name (e.g. SIGUSR1)")
     for key, name in (("data.name", cfg.data.name), ("model.name", cfg.model.name)):
         if ":" in name:
             _check_import_path(key, name)
+
+
+def _is_signal(name: str) -> bool:
+    """Whether ``name`` (SIGUSR1, USR1 or a number) is a signal of this platform."""
+    text = name.strip().upper()
+    if text.isdigit():
+        return int(text) in {s.value for s in signal.Signals}
+    return (text if text.startswith("SIG") else "SIG" + text) in signal.Signals.__members__
 
 
 def _check_import_path(key: str, path: str) -> None:

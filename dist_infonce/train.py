@@ -12,7 +12,8 @@ Re-running a command with the same ``output_dir`` resumes from its newest checkp
 The loop is one function, :func:`train`, readable top to bottom. The pieces it
 calls: :mod:`dist_infonce.config` (the keys), :mod:`dist_infonce.data` and
 :mod:`dist_infonce.models` (built-in tasks), :mod:`dist_infonce.optim` (optimizers,
-schedule), :mod:`dist_infonce.checkpoint` (files).
+schedule), :mod:`dist_infonce.checkpoint` (files), :mod:`dist_infonce.resilience`
+(signals -> checkpoint -> requeue; non-finite losses; exit codes).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ from dist_infonce.data import ContrastiveData, batch_generator, build_data
 from dist_infonce.losses import InfoNCE, NTXent
 from dist_infonce.models import PairModel, build_model
 from dist_infonce.optim import build_optimizer, lr_factor, peak_lr
+from dist_infonce.resilience import (
+    CheckpointWriteError,
+    StopTraining,
+    collective_failure_message,
+    disk_space_problem,
+    inject_fault,
+    make_guard,
+)
 
 __all__ = ["Learner", "build_loss", "build_parser", "main", "slurm_env", "train"]
 
@@ -388,6 +397,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     is_main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    problem = ""  # rank 0's verdict on output_dir, shared with every rank below
     if is_main:
         if not cfg.checkpoint.resume and list_checkpoints(ckpt_dir):
             # A fresh run must not mix its checkpoints with an older run's (keep-last-K
@@ -399,7 +409,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(to_yaml(cfg))
         except OSError as e:
-            raise ConfigError(f"output_dir: cannot write to {str(out)!r}: {e.strerror}") from None
+            problem = f"output_dir: cannot write to {str(out)!r}: {e.strerror}"
 
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
     set_seed(cfg.seed)
@@ -413,11 +423,15 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
 
     # Resume: rank 0 picks the newest readable checkpoint, every rank loads that one.
-    found = [None]
-    if cfg.checkpoint.resume and is_main:
+    found: list[Any] = [None, problem]
+    if is_main and not problem:
+        found[1] = disk_space_problem(ckpt_dir, learner, cfg.train.optimizer, cfg.checkpoint.keep)
+    if cfg.checkpoint.resume and is_main and not found[1]:
         hit = load_latest(ckpt_dir)
-        found = [str(hit[1]) if hit else None]
+        found[0] = str(hit[1]) if hit else None
     broadcast_object_list(found)
+    if found[1]:
+        raise ConfigError(found[1])  # on every rank, before training
     start_step, wandb_id, state = 0, None, None
     if found[0] is not None:
         state = torch.load(found[0], map_location="cpu", weights_only=True)
@@ -478,6 +492,14 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
     )
     t_start = t_last = time.perf_counter()
     last_logged = start_step
+    guard = make_guard(
+        cfg,
+        save=lambda s: _save(
+            cfg, accelerator, unwrapped, optimizer, scheduler, s, wandb_id, ckpt_dir
+        ),
+        device=device,
+        check_grads=accelerator.scaler is None,  # fp16's GradScaler handles inf gradients itself
+    )
     for step in range(start_step, cfg.train.steps):
         learner.train()
         done = step + 1
@@ -492,23 +514,28 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
             x0, x1, labels = x0.to(device), x1.to(device), _to(labels, device)
             with accelerator.accumulate(encoder):
                 if micro_batch is None:
-                    loss = learner(x0, x1, labels)
+                    loss = inject_fault(learner(x0, x1, labels), step=done, rank=rank)
                     accelerator.backward(loss)
                 else:
                     loss = unwrapped.cached_backward(
                         encoder, x0, x1, labels, micro=micro_batch, accelerator=accelerator
                     )
-                if accelerator.sync_gradients and cfg.train.grad_clip > 0:
+                # One all-reduce per optimizer step: signals and non-finite values, agreed.
+                ok = not accelerator.sync_gradients or guard.check(
+                    loss, unwrapped.parameters(), done
+                )
+                if ok and accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(
                         unwrapped.parameters(), cfg.train.grad_clip
                     )
-                optimizer.step()
+                if ok:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
         scheduler.step()
         bar.update(1)
 
-        if log_now:
+        if log_now or not ok:
             # Each rank's loss is its share of the global mean (sum * world / rows),
             # so the mean over ranks is the loss of the whole global batch.
             mean_loss = accelerator.reduce(loss_sum / cfg.train.grad_accum_steps, "mean")
@@ -527,6 +554,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
             }
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
+            if not ok:
+                row["nonfinite_skipped"] = 1
             metrics.log(row)
             bar.set_postfix(
                 loss=f"{row['loss']:.4f}", lr=f"{step_lr:.2e}", sps=f"{row['samples_per_s']:.0f}"
@@ -535,7 +564,10 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
 
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
             _save(cfg, accelerator, unwrapped, optimizer, scheduler, done, wandb_id, ckpt_dir)
+            guard.last_saved = done
+        guard.after_step(done)  # after an agreed signal: checkpoint, requeue, raise Preempted
     bar.close()
+    guard.flag.restore()
 
     results: dict[str, float] = {}
     evaluate = getattr(data, "evaluate", None)
@@ -586,6 +618,7 @@ def _save(
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    error = ""
     if accelerator.is_main_process:
         state = {
             "step": step,
@@ -600,10 +633,25 @@ def _save(
             "world_size": len(rngs),
             "config": to_dict(cfg),
         }
-        save_atomic(state, checkpoint_path(ckpt_dir, step))
-        prune(ckpt_dir, cfg.checkpoint.keep)
-    # Nobody moves on (or exits) before the checkpoint is on disk.
-    accelerator.wait_for_everyone()
+        try:
+            save_atomic(state, checkpoint_path(ckpt_dir, step))
+            prune(ckpt_dir, cfg.checkpoint.keep)
+        except Exception as e:  # torch.save wraps a failed write (ENOSPC) in a RuntimeError
+            cause = e if isinstance(e, OSError) else e.__context__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else e
+            newest = list_checkpoints(ckpt_dir)
+            error = (
+                f"checkpoint of step {step} could not be written to {ckpt_dir} ({reason}); "
+                "training stopped. The newest good checkpoint is "
+                + (str(newest[-1][1]) if newest else "none")
+            )
+    # Nobody moves on (or exits) before the checkpoint is on disk, and a failed write
+    # stops every rank (rank 0's verdict is broadcast) instead of leaving them waiting.
+    verdict = [error]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise CheckpointWriteError(verdict[0])
 
 
 # ---------------------------------------------------------------------------- entry
@@ -647,9 +695,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A user error found while building (an import path, fp16 on CPU): no traceback.
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except StopTraining as e:
+        # Every rank agreed to stop here (a signal, a NaN, a failed checkpoint write).
+        print(f"{parser.prog}: {e}", file=sys.stderr, flush=True)
+        _finish_wandb(e.exit_code)
+        clean = True
+        return e.exit_code
+    except Exception as e:
+        # A dead or silent peer: say so in one line (gloo's error names no rank).
+        if message := collective_failure_message(e, cfg.dist.timeout_s):
+            print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
+        raise
     finally:
         teardown(clean)
     return 0
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """Close the W&B run of this process (if any) so an offline run is complete on disk."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ else
 fi
 cmd+=(-m dist_infonce.train "$@")
 
+# torch >= 2.5 shares the rendezvous TCPStore with the workers by default, and a
+# restarted worker group (--max-restarts) can then read the previous attempt's
+# addresses and hang or fail to connect (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 echo "+ ${cmd[*]}" >&2
 # exec: signals sent to this script (Slurm's, a Ctrl-C) reach torchrun directly,
 # which forwards them to the workers.

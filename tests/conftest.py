@@ -44,3 +44,12 @@ def worlds() -> Iterator[Worlds]:
     w = Worlds()
     yield w
     w.close()
+
+
+@pytest.fixture(scope="session")
+def resilience_ref(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One uninterrupted 2-rank trainer run, shared by tests/test_resilience.py and
+    tests/test_two_nodes.py (a fixture imported into two modules would run twice)."""
+    from tests.test_resilience import start_ref
+
+    return start_ref(tmp_path_factory.mktemp("resilience-ref"))
