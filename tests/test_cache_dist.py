@@ -90,7 +90,9 @@ def test_ddp_cached_equals_one_process(
             err = record_error("cache DDP: grads vs one process (float64)", r["grads"][name], g)
             assert err < 1e-12, (rank, name)
         for name, b in buffers[rank].items():
-            assert torch.equal(r["buffers"][name], b), (rank, name)
+            # Ranks run 1 thread, this process possibly more: reductions may round apart.
+            err = record_error("cache DDP: buffers vs one process (float64)", r["buffers"][name], b)
+            assert err < 1e-12, (rank, name)
         # One gradient all-reduce per call on every rank, whatever its micro-batch count.
         assert r["reduces_per_call"] == [1] * calls
     # The mean over ranks of the returned losses is the global loss.
@@ -133,7 +135,9 @@ def test_same_ddp_model_in_two_towers(worlds: Worlds) -> None:
             )
             assert err < 1e-12, (rank, name)
         for name, b in buffers[rank].items():
-            assert torch.equal(r["buffers"][name], b), (rank, name)
+            # Ranks run 1 thread, this process possibly more: reductions may round apart.
+            err = record_error("cache DDP: buffers vs one process (float64)", r["buffers"][name], b)
+            assert err < 1e-12, (rank, name)
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank(worlds: Worlds) -> None:
