@@ -107,7 +107,8 @@ def _check_micro_batch_size(micro_batch_size: object) -> int:
 
 
 def _as_inputs(name: str, inputs: object) -> tuple[torch.Tensor, ...]:
-    """``inputs`` as a non-empty tuple of tensors with one common first dimension B >= 1."""
+    """``inputs`` as a non-empty tuple of tensors with one common first dimension B
+    (B = 0 is refused later, after the ranks have agreed on it)."""
     xs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
     if (
         not isinstance(xs, list | tuple)
@@ -129,6 +130,8 @@ def _as_inputs(name: str, inputs: object) -> tuple[torch.Tensor, ...]:
 
 def _towers(model: object, inputs: object) -> list[_Tower]:
     if isinstance(model, list | tuple):
+        if not model:
+            raise ValueError("model must be a callable or a non-empty sequence of callables")
         if not isinstance(inputs, list | tuple) or len(inputs) != len(model):
             raise ValueError(
                 f"inputs must hold one entry per tower when model is a sequence of "
@@ -230,11 +233,13 @@ def _buffers_untouched(towers: Sequence[_Tower]) -> Iterator[None]:
     """
     slots = _buffer_slots(towers)
     saved = [b.detach().clone() for _, _, b in slots]
-    yield
-    with torch.no_grad():
-        for (mod, name, original), value in zip(slots, saved, strict=True):
-            mod._buffers[name] = original
-            original.copy_(value)
+    try:
+        yield
+    finally:  # also when a forward raised: the model stays as the caller gave it
+        with torch.no_grad():
+            for (mod, name, original), value in zip(slots, saved, strict=True):
+                mod._buffers[name] = original
+                original.copy_(value)
 
 
 def _broadcast_buffers(ddp: DistributedDataParallel) -> None:
