@@ -274,13 +274,24 @@ def _free_ports(count: int, low: int = 16000, high: int = 17000) -> list[int]:
     raise RuntimeError(f"no {count} free ports in [{low}, {high})")
 
 
-def _write_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int) -> Path:
-    """Write the cluster's slurm.conf and return its path."""
+def conf_lines(
+    root: Path,
+    *,
+    cluster: str,
+    ctld_host: str,
+    ctld_port: int,
+    slurmd_port: int,
+    nodes: Sequence[str],
+) -> list[str]:
+    """slurm.conf for a test cluster rooted at ``root``: every state, spool, pid and log
+    path under it (per node name, ``%n``, so that several slurmd can share it), no
+    cgroups, munge through ``root/munge``; ``nodes`` are its ``NodeName=`` lines, all in
+    one partition."""
     munge_socket = root / "munge" / "munge.sock"
-    lines = [
-        f"ClusterName=distinfonce{ctld_port}",
-        # slurmctld accepts "localhost" as its own name whatever the hostname is.
-        "SlurmctldHost=localhost",
+    names = ",".join(line.split()[0].removeprefix("NodeName=") for line in nodes)
+    return [
+        f"ClusterName={cluster}",
+        f"SlurmctldHost={ctld_host}",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
         "SlurmUser=root",
@@ -293,11 +304,11 @@ def _write_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int) -> Path
         "JobRequeue=1",
         "SchedulerParameters=sched_interval=1,bf_interval=1",
         f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmdSpoolDir={root / 'spool'}/%n",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
         f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+        f"SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}",
         # No cgroups in a container: track job processes by parent PID, bind nothing.
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
@@ -311,9 +322,22 @@ def _write_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int) -> Path
         "MinJobAge=300",
         # No user plugin stack of the host may load into this cluster.
         f"PlugStackConfig={root / 'plugstack.conf'}",
-        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN",
-        "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+        *nodes,
+        f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP",
     ]
+
+
+def _write_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int) -> Path:
+    """Write the cluster's slurm.conf and return its path."""
+    lines = conf_lines(
+        root,
+        cluster=f"distinfonce{ctld_port}",
+        # slurmctld accepts "localhost" as its own name whatever the hostname is.
+        ctld_host="localhost",
+        ctld_port=ctld_port,
+        slurmd_port=slurmd_port,
+        nodes=[f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN"],
+    )
     conf = root / "slurm.conf"
     conf.write_text("\n".join(lines) + "\n")
     (root / "plugstack.conf").write_text("")
@@ -456,7 +480,7 @@ def start_cluster(cpus: int = 2) -> Iterator[SlurmCluster]:
     root = Path(tempfile.mkdtemp(prefix="dist-infonce-slurm-"))
     # munged refuses a socket folder that others may write to or cannot enter.
     root.chmod(0o755)
-    for sub in ("munge", "state", "spool", "log"):
+    for sub in ("munge", "state", "spool", "spool/localhost", "log"):
         (root / sub).mkdir(mode=0o755)
     ctld_port, slurmd_port = _free_ports(2)
     conf = _write_conf(root, cpus, ctld_port, slurmd_port)
@@ -486,7 +510,7 @@ def start_cluster(cpus: int = 2) -> Iterator[SlurmCluster]:
             # -i: ignore (there is no) saved state.
             ([_which("slurmctld") or "slurmctld", "-i"], root / "slurmctld.pid"),
             # -N: the node is "localhost" in slurm.conf, not the machine's hostname.
-            ([_which("slurmd") or "slurmd", "-N", "localhost"], root / "slurmd.pid"),
+            ([_which("slurmd") or "slurmd", "-N", "localhost"], root / "slurmd-localhost.pid"),
         ]
         for cmd, pid_file in steps:
             # Recorded before the start so a half-started cluster is still stopped.

@@ -180,39 +180,18 @@ CGROUP_SHIM = (
 
 
 def _conf(root: Path, net: Net, ctld_port: int, slurmd_port: int) -> Path:
-    munge_socket = root / "munge" / "munge.sock"
-    lines = [
-        f"ClusterName=di2n{ctld_port}",
+    lines = sc.conf_lines(
+        root,
+        cluster=f"di2n{ctld_port}",
         # slurmctld accepts "localhost" as its own name; slurmd reaches it at the address.
-        f"SlurmctldHost=localhost({net.addr[0]})",
-        f"SlurmctldPort={ctld_port}",
-        f"SlurmdPort={slurmd_port}",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        "AuthType=auth/munge",
-        "CredType=cred/munge",
-        f"AuthInfo=socket={munge_socket}",
-        f"StateSaveLocation={root / 'state'}",
-        # %n: each slurmd (one per node name) gets its own spool, pid and log file.
-        f"SlurmdSpoolDir={root / 'spool'}/%n",
-        f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
-        f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core",
-        "JobAcctGatherType=jobacct_gather/none",
-        "AccountingStorageType=accounting_storage/none",
-        "MpiDefault=none",
-        "ReturnToService=2",
-        "MinJobAge=300",
-        f"PlugStackConfig={root / 'plugstack.conf'}",
-        f"NodeName=n0 NodeAddr={net.addr[0]} CPUs=1 RealMemory=2000 State=UNKNOWN",
-        f"NodeName=n1 NodeAddr={net.addr[1]} CPUs=1 RealMemory=2000 State=UNKNOWN",
-        "PartitionName=debug Nodes=n0,n1 Default=YES MaxTime=INFINITE State=UP",
-    ]
+        ctld_host=f"localhost({net.addr[0]})",
+        ctld_port=ctld_port,
+        slurmd_port=slurmd_port,
+        nodes=[
+            f"NodeName=n{i} NodeAddr={net.addr[i]} CPUs=1 RealMemory=2000 State=UNKNOWN"
+            for i in range(2)
+        ],
+    )
     conf = root / "slurm.conf"
     conf.write_text("\n".join(lines) + "\n")
     (root / "plugstack.conf").write_text("")
