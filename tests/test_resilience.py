@@ -41,7 +41,7 @@ from dist_infonce.resilience import (
 from tests import resilience_cases as cases
 from tests.conftest import record_error
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401
-from tests.test_train import REPO, Started, clean_env, last_step, train_rows
+from tests.test_train import REPO, Started, clean_env, last_step, torchrun, train_rows
 
 #: A short run with fast steps (~20 ms each here): long enough to be interrupted.
 STEPS = 80
@@ -158,19 +158,6 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step(worlds, signals, e
 
 
 # ------------------------------------------------------------------ the trainer, e2e
-
-
-def torchrun(nproc: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *extra,
-        "-m",
-        "dist_infonce.train",
-    ]
 
 
 def finish(p: Started, timeout: float = TIMEOUT_S) -> tuple[int, str]:

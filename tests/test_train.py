@@ -63,14 +63,16 @@ def clean_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int) -> list[str]:
-    """The torchrun command prefix for ``nproc`` local gloo workers."""
+def torchrun(nproc: int, *extra: str) -> list[str]:
+    """The torchrun command prefix for ``nproc`` local gloo workers (``extra``: more
+    launcher flags)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
+        *extra,
         "-m",
         "dist_infonce.train",
     ]
