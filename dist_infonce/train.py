@@ -564,7 +564,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, float]:
 
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
             _save(cfg, accelerator, unwrapped, optimizer, scheduler, done, wandb_id, ckpt_dir)
-            guard.last_saved = done
+            guard.track_save(done)
         guard.after_step(done)  # after an agreed signal: checkpoint, requeue, raise Preempted
     bar.close()
     guard.flag.restore()
