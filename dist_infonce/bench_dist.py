@@ -47,7 +47,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -56,7 +56,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistConfig", "build_parser", "collective_bytes", "format_table", "main", "run_world"]
+__all__ = [
+    "DistConfig",
+    "build_parser",
+    "collective_bytes",
+    "format_table",
+    "main",
+    "record_collectives",
+    "run_world",
+]
 
 METHODS = ("ours", "ours_two_calls", "open_clip")
 METHOD_MODES: dict[str, tuple[str, ...]] = {
@@ -150,14 +158,17 @@ def collective_bytes(name: str, args: Sequence[Any], kwargs: dict[str, Any], wor
 
 
 @contextmanager
-def _count_sent(world: int) -> Iterator[list[tuple[str, int]]]:
-    """Record ``(collective, bytes sent)`` for every collective issued; the call still runs."""
+def record_collectives(
+    measure: Callable[[str, tuple[Any, ...], dict[str, Any]], int],
+) -> Iterator[list[tuple[str, int]]]:
+    """Record ``(collective, measure(name, args, kwargs))`` for every collective this
+    process issues through ``torch.distributed``; the real call still runs."""
     calls: list[tuple[str, int]] = []
     originals = {n: getattr(dist, n) for n in _COUNTED if hasattr(dist, n)}
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            calls.append((name, collective_bytes(name, args, kwargs, world)))
+            calls.append((name, measure(name, args, kwargs)))
             return fn(*args, **kwargs)
 
         return counted
@@ -169,6 +180,13 @@ def _count_sent(world: int) -> Iterator[list[tuple[str, int]]]:
     finally:
         for n, fn in originals.items():
             setattr(dist, n, fn)
+
+
+def _count_sent(world: int) -> AbstractContextManager[list[tuple[str, int]]]:
+    """Record ``(collective, bytes sent)`` for every collective issued (ring costs)."""
+    return record_collectives(
+        lambda name, args, kwargs: collective_bytes(name, args, kwargs, world)
+    )
 
 
 # ------------------------------------------------------------------------- a rank

@@ -7,8 +7,7 @@ for its single-process float64 reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_infonce import GatherLayer, InfoNCE, NTXent, all_gather_with_grad
+from dist_infonce.bench_dist import record_collectives
 from dist_infonce.losses import info_nce
 
 # ------------------------------------------------------------------- GatherLayer
@@ -68,31 +68,13 @@ def gather_mismatch_case(kind: str) -> str:
     return "no error"
 
 
-@contextmanager
-def _count_collectives() -> Iterator[list[tuple[str, int]]]:
-    """Record every collective this process issues (the real call still runs)."""
-    calls: list[tuple[str, int]] = []
-    names = [
-        "all_gather_single", "reduce_scatter_single", "all_reduce", "all_gather",
-        "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter", "broadcast",
-    ]  # fmt: skip
-    originals = {n: getattr(dist, n) for n in names}
+def _count_collectives() -> AbstractContextManager[list[tuple[str, int]]]:
+    """Record ``(collective, largest tensor's numel)`` for every collective issued."""
 
-    def wrap(name: str, fn: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            numel = max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
-            calls.append((name, numel))
-            return fn(*args, **kwargs)
+    def numel(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        return max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
 
-        return counted
-
-    for n, fn in originals.items():
-        setattr(dist, n, wrap(n, fn))
-    try:
-        yield calls
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
+    return record_collectives(numel)
 
 
 def collectives_case(
