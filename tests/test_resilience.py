@@ -256,6 +256,18 @@ def test_torchrun_max_restarts_resumes_after_a_killed_worker(
     assert_same_losses(out, resilience_ref.out, "worker SIGKILL at step 25 + torchrun restart")
 
 
+def _plain_processes(cmd: Sequence[str], env: dict[str, str], tmp_path: Path) -> list[Started]:
+    """Two ranks started as plain processes: RANK/WORLD_SIZE only, no launcher."""
+    return [
+        Started(
+            cmd,
+            {**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
+            tmp_path / f"r{r}.log",
+        )
+        for r in range(2)
+    ]
+
+
 def _survivors_exit(procs: Sequence[Started], label: str, timeout_s: float) -> str:
     """Wait until the kill happened, then time the survivors' exit; return all output."""
     deadline = time.monotonic() + TIMEOUT_S
@@ -303,14 +315,7 @@ def test_killed_rank_of_two_plain_processes_fails_the_other_in_time(tmp_path: Pa
         "wandb.mode=disabled",
         f"output_dir={out}",
     ]
-    procs = [
-        Started(
-            cmd,
-            {**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
-            tmp_path / f"r{r}.log",
-        )
-        for r in range(2)
-    ]
+    procs = _plain_processes(cmd, env, tmp_path)
     output = _survivors_exit(procs, "two plain processes, rank 1 killed", 30.0)
     assert "rank 0: a collective" in output and "dist.timeout_s=30" in output, output[-4000:]
     assert procs[1].proc.returncode == -signal.SIGKILL
@@ -328,14 +333,7 @@ def test_hung_rank_fails_the_other_after_the_timeout(tmp_path: Path) -> None:
     )
     cmd = [sys.executable, "-m", "dist_infonce.train", *CONFIG, "dist.timeout_s=5"]
     cmd += ["wandb.mode=disabled", f"output_dir={out}"]
-    procs = [
-        Started(
-            cmd,
-            {**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
-            tmp_path / f"r{r}.log",
-        )
-        for r in range(2)
-    ]
+    procs = _plain_processes(cmd, env, tmp_path)
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while "SIGSTOP rank 1" not in procs[1].log.read_text(errors="replace"):
