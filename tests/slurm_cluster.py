@@ -274,6 +274,21 @@ def _free_ports(count: int, low: int = 16000, high: int = 17000) -> list[int]:
     raise RuntimeError(f"no {count} free ports in [{low}, {high})")
 
 
+def munged_step(root: Path) -> tuple[list[str], Path]:
+    """The munged command of a test cluster rooted at ``root`` (key, socket, pid, log
+    and seed under ``root/munge`` and ``root/log``) and its pid file."""
+    munge = root / "munge"
+    cmd = [
+        _which("munged") or "munged",
+        f"--key-file={munge / 'munge.key'}",
+        f"--socket={munge / 'munge.sock'}",
+        f"--pid-file={munge / 'munged.pid'}",
+        f"--log-file={root / 'log' / 'munged.log'}",
+        f"--seed-file={munge / 'munged.seed'}",
+    ]
+    return cmd, munge / "munged.pid"
+
+
 def conf_lines(
     root: Path,
     *,
@@ -496,17 +511,7 @@ def start_cluster(cpus: int = 2) -> Iterator[SlurmCluster]:
             timeout=30,
         )
         steps = [
-            (
-                [
-                    _which("munged") or "munged",
-                    f"--key-file={munge / 'munge.key'}",
-                    f"--socket={munge / 'munge.sock'}",
-                    f"--pid-file={munge / 'munged.pid'}",
-                    f"--log-file={root / 'log' / 'munged.log'}",
-                    f"--seed-file={munge / 'munged.seed'}",
-                ],
-                munge / "munged.pid",
-            ),
+            munged_step(root),
             # -i: ignore (there is no) saved state.
             ([_which("slurmctld") or "slurmctld", "-i"], root / "slurmctld.pid"),
             # -N: the node is "localhost" in slurm.conf, not the machine's hostname.

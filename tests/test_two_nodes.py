@@ -221,17 +221,7 @@ def two_node_cluster(net: Net) -> Iterator[NetnsCluster]:
             timeout=30,
         )
         steps = [
-            (
-                [
-                    sc._which("munged") or "munged",
-                    f"--key-file={munge / 'munge.key'}",
-                    f"--socket={munge / 'munge.sock'}",
-                    f"--pid-file={munge / 'munged.pid'}",
-                    f"--log-file={root / 'log' / 'munged.log'}",
-                    f"--seed-file={munge / 'munged.seed'}",
-                ],
-                munge / "munged.pid",
-            ),
+            sc.munged_step(root),
             ([*net.exec(0), sc._which("slurmctld") or "slurmctld", "-i"], root / "slurmctld.pid"),
             (
                 [*net.exec(0), *CGROUP_SHIM, sc._which("slurmd") or "slurmd", "-N", "n0"],
