@@ -222,24 +222,48 @@ def _buffer_slots(towers: Sequence[_Tower]) -> list[tuple[nn.Module, str, torch.
     return list(slots.values())
 
 
-@contextmanager
-def _buffers_untouched(towers: Sequence[_Tower]) -> Iterator[None]:
-    """On exit, every buffer holds its value (and tensor) from the entry.
+class _PassOneBuffers:
+    """Undoes, after pass 1, what pass 1 did to the buffers of the towers pass 2 re-runs.
 
-    Pass 1 must leave no trace: pass 2 then updates running statistics once per
-    micro-batch and sees, micro-batch by micro-batch, the buffers pass 1 saw. A
-    forward that reassigns a buffer (``self.center = ...``) rather than updating it
-    in place gets its original tensor back too (DDP broadcasts that one).
+    Pass 2 then updates running statistics once per micro-batch and sees, micro-batch by
+    micro-batch, the buffers pass 1 saw. A forward that reassigns a buffer
+    (``self.center = ...``) rather than updating it in place gets its original tensor
+    back too (DDP broadcasts that one).
+
+    A frozen tower is not re-run: its pass-1 forward is its only forward, so its buffer
+    updates (BatchNorm's running statistics in train mode) stay, as plain autograd
+    leaves them. A buffer shared with a re-run tower is saved when the first re-run
+    tower reaches it, so the updates of frozen towers run before that one stay too; a
+    frozen tower that would update a buffer after a re-run tower has is refused (pass 2
+    would apply the two updates out of order).
     """
-    slots = _buffer_slots(towers)
-    saved = [b.detach().clone() for _, _, b in slots]
-    try:
-        yield
-    finally:  # also when a forward raised: the model stays as the caller gave it
+
+    def __init__(self) -> None:
+        self._saved: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = {}
+
+    def before(self, tower: _Tower) -> None:
+        """Call before ``tower``'s pass 1."""
+        slots = _buffer_slots([tower])
+        if tower.trainable:
+            for mod, name, b in slots:
+                self._saved.setdefault((id(mod), name), (mod, name, b, b.detach().clone()))
+            return
+        shared = [name for mod, name, _ in slots if (id(mod), name) in self._saved]
+        if shared:
+            raise ValueError(
+                f"model (for {tower.name}) is frozen (not re-run in pass 2) but shares "
+                f"buffers {shared[:3]} with a tower before it that is re-run; pass 2 would "
+                "update them after this tower's forward, out of order. Put the frozen tower "
+                "first or give it buffers of its own"
+            )
+
+    def restore(self) -> None:
+        """Put back every saved buffer (also after a forward of pass 1 raised)."""
         with torch.no_grad():
-            for (mod, name, original), value in zip(slots, saved, strict=True):
+            for mod, name, original, value in self._saved.values():
                 mod._buffers[name] = original
                 original.copy_(value)
+        self._saved.clear()
 
 
 def _broadcast_buffers(ddp: DistributedDataParallel) -> None:
@@ -450,7 +474,8 @@ def cached_backward(
         pass 1; afterwards the generators are where the plain forwards leave them.
         BatchNorm normalises each micro-batch with its own statistics (both passes),
         and its running buffers are updated exactly once per micro-batch: pass 1
-        leaves the model's buffers as it found them. Outputs in float16/bfloat16 reach
+        leaves the buffers of the towers pass 2 re-runs as it found them, and a frozen
+        tower (not re-run) keeps the updates of its one forward. Outputs in float16/bfloat16 reach
         ``loss_fn`` as float32.
 
     Example:
@@ -485,15 +510,20 @@ def cached_backward(
         _broadcast_buffers(ddp)
 
     # Pass 1: outputs without grad, generator states saved per micro-batch.
-    with torch.no_grad(), _buffers_untouched(towers):
-        for i in order:
-            t = towers[i]
-            # A DDP model's own forward only matters for the synced pass 2 call; its
-            # inner module gives the same outputs (accelerate puts autocast there).
-            fn = t.ddp.module if t.ddp is not None else t.fn
-            for chunk in zip(*(x.split(micro) for x in t.inputs), strict=True):
-                t.rng.append(_get_rng(devices))
-                t.outputs.append(_as_tuple(fn(*chunk), t))
+    buffers = _PassOneBuffers()
+    try:
+        with torch.no_grad():
+            for i in order:
+                t = towers[i]
+                buffers.before(t)
+                # A DDP model's own forward only matters for the synced pass 2 call; its
+                # inner module gives the same outputs (accelerate puts autocast there).
+                fn = t.ddp.module if t.ddp is not None else t.fn
+                for chunk in zip(*(x.split(micro) for x in t.inputs), strict=True):
+                    t.rng.append(_get_rng(devices))
+                    t.outputs.append(_as_tuple(fn(*chunk), t))
+    finally:  # also when a forward raised: the model stays as the caller gave it
+        buffers.restore()
 
     # The loss, once, over every row; its backward fills the cache.
     leaves: list[list[torch.Tensor]] = []

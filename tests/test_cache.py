@@ -179,6 +179,40 @@ def test_frozen_tower_is_not_rerun() -> None:
     compare("cache: grads vs plain, towers (float64)", tower_a, ref_a)
 
 
+def test_frozen_tower_batchnorm_updated_once_per_micro_batch() -> None:
+    """LiT: a frozen BatchNorm tower in train mode still tracks its running statistics
+    (pass 2 skips it, so its pass-1 forward is the one that counts)."""
+    torch.manual_seed(0)
+    tower_a, tower_b = Encoder(5, norm="batch"), Encoder(3, norm="batch", p=0.0)
+    tower_b.requires_grad_(False)
+    ref_a, ref_b = copy.deepcopy(tower_a), copy.deepcopy(tower_b)
+    loss_fn = InfoNCE(0.2, symmetric=True)
+    x0, x1 = data(10)
+    torch.manual_seed(5)
+    cached_backward((tower_a, tower_b), loss_fn, (x0, x1), 4)
+    torch.manual_seed(5)
+    outs_a = torch.cat([ref_a(c) for c in x0.split(4)])
+    outs_b = torch.cat([ref_b(c) for c in x1.split(4)])
+    loss_fn(outs_a, outs_b).backward()
+    compare("cache: grads vs plain, towers (float64)", tower_a, ref_a)
+    for got, ref in ((tower_a, ref_a), (tower_b, ref_b)):
+        for (name, b), (_, r) in zip(got.named_buffers(), ref.named_buffers(), strict=True):
+            assert torch.equal(b, r), name
+    assert int(tower_b.net[1].num_batches_tracked) == 3  # ceil(10 / 4), as plain autograd
+
+
+def test_frozen_tower_sharing_buffers_after_a_rerun_tower_is_refused() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4, affine=False).double()  # buffers only: shared, no parameters
+    trained = nn.Sequential(nn.Linear(5, 4), bn).double()
+    frozen = nn.Sequential(nn.Linear(5, 4), bn).double().requires_grad_(False)
+    before = bn.running_mean.clone()
+    x = data(6)[0]
+    with pytest.raises(ValueError, match=r"inputs\[1\]\) is frozen .* shares buffers"):
+        cached_backward((trained, frozen), lambda a, b: a.sum() + b.sum(), (x, x), 4)
+    assert torch.equal(bn.running_mean, before)  # pass 1 undone before raising
+
+
 def test_towers_with_different_row_counts() -> None:
     """Explicit negatives: a second tower over M rows, its loss argument after the pairs."""
     torch.manual_seed(0)
