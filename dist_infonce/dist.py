@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from dist_infonce.kernels.bounds import shift_if_safe
+
 __all__ = [
     "GatherLayer",
     "all_gather_with_grad",
@@ -347,10 +349,6 @@ class _AllReduceLSE(torch.autograd.Function):
         return g.to(x.device) * weight, None, None
 
 
-#: |x - shift| up to which exp(x - shift) keeps full relative precision in float64.
-_FLOAT64_SHIFT_RANGE = 600.0
-
-
 def all_reduce_logsumexp(
     x: torch.Tensor,
     group: ProcessGroup | None = None,
@@ -382,5 +380,6 @@ def all_reduce_logsumexp(
     """
     if not is_distributed(group):
         return x
-    shift = bound if bound is not None and 2.0 * bound <= _FLOAT64_SHIFT_RANGE else None
+    # The partial sums travel in float64 (see _AllReduceLSE), so float64's safe range.
+    shift = shift_if_safe(bound, torch.float64)
     return _AllReduceLSE.apply(x, group, shift)

@@ -32,6 +32,7 @@ from dist_infonce.dist import (
     is_distributed,
 )
 from dist_infonce.kernels import DEFAULT_CHUNK, chunked_lse, compute_dtype, dense_lse, no_autocast
+from dist_infonce.kernels.bounds import unit_vector_bound
 from dist_infonce.kernels.symmetric import self_lse
 from dist_infonce.kernels.triton_lse import check_triton_block, check_triton_inputs, triton_lse
 
@@ -423,7 +424,7 @@ def _symmetric(
     lse_q, col_lse = _lse(q, kp, inv_temp, chunk_size, kernel=kernel, cols=True)
     if info is not None:
         # Unit vectors bound every logit by t: one all-reduce of plain sums.
-        bound = float(inv_temp.detach()) if normalized else None
+        bound = unit_vector_bound(inv_temp) if normalized else None
         col_lse = all_reduce_logsumexp(col_lse, group, bound=bound)
     lse_k = col_lse[offset : offset + n]
     global_rows = info.total if info is not None else n

@@ -34,6 +34,8 @@ from types import ModuleType
 
 import torch
 
+from dist_infonce.kernels.bounds import logit_bound, shift_if_safe
+
 __all__ = [
     "DEFAULT_BLOCK",
     "SUPPORTED_DTYPES",
@@ -58,9 +60,6 @@ BLOCK_D_MAX = 128
 #: (``python -m dist_infonce.bench --triton-variants`` sets these two per row.)
 BWD_WARPS: int | None = None
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# As in the chunked kernel: exp(s - C) keeps full float32 precision while
-# s - C >= -64 (exp(-64) ~ 1.6e-28, far above the smallest normal float32).
-_SHIFT_RANGE = 64.0
 
 _kernels: ModuleType | None = None
 
@@ -138,19 +137,6 @@ def check_triton_inputs(x: torch.Tensor) -> None:
         )
 
 
-def _fixed_shift(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> float | None:
-    """C = t * max|a_i| * max|b_j| >= |s_ij| (Cauchy-Schwarz) when 2C fits, else None.
-
-    Norms in float32 without a float32 copy of the inputs (one host sync).
-    """
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return None
-    na = torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
-    nb = torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max()
-    bound = float(na * nb * t)
-    return bound if 2.0 * bound <= _SHIFT_RANGE else None
-
-
 class _Blocks:
     """Launch shapes for one (D, dtype, tile edge)."""
 
@@ -215,7 +201,10 @@ class _TritonLSE(torch.autograd.Function):
         t = inv_temp.detach().to(torch.float32).reshape(1).contiguous()
         mask = None if mask_idx is None else mask_idx.contiguous()
         blk = _Blocks(a.shape[1], a.dtype, block, _interpreted(kernels))
-        shift = _fixed_shift(ac, bc, t)
+        # Norms in float32 without a float32 copy of half inputs; the statistics are
+        # float32 whatever the input dtype, so is the safe range.
+        bound = logit_bound(ac, bc, scale=t, norm_dtype=torch.float32)
+        shift = shift_if_safe(bound, torch.float32)
         clse = torch.full((m if want_cols else 0,), float("-inf"), device=a.device)
         if n == 0 or m == 0:
             # Empty pool: every row log-sum-exp is log(0) (as in the chunked kernel).
