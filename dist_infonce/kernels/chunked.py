@@ -307,6 +307,7 @@ def chunked_lse(
             positive logit when negatives are explicit). Shape: (N,).
         mask_idx: per row, one column to leave out of both log-sum-exps, or an index
             outside [0, M) for none (NT-Xent's self-similarity). Shape: (N,), int64.
+            Several rows may mask one column (its statistic leaves them all out).
         cols: also return the column log-sum-exp (over the N rows).
         chunk_size: tile edge; any positive int (need not divide N or M).
 

@@ -20,6 +20,9 @@ differences are in the numbers only:
   before their two matmuls (as FlashAttention does with P); sums stay float32.
 - the input gradient of the rows is summed with float32 atomics, so its last
   bits may differ from run to run on CUDA.
+- with ``cols=True`` a ``mask_idx`` must not mask one column from two rows (the
+  online path computes the column statistic as the transposed problem, one masked
+  row per column); this is refused with a ``ValueError``.
 
 Devices: CUDA tensors; CPU tensors only when ``TRITON_INTERPRET=1`` was set before
 the kernels were first imported (Triton's interpreter, how CI checks the
@@ -179,6 +182,49 @@ def _row_lse(
     return lse, (csum if want_col_sums else None)
 
 
+def check_column_mask(mask_idx: torch.Tensor, m: int) -> None:
+    """Refuse a mask that leaves two rows out of one column's statistic.
+
+    The kernels take one masked column per row; the column statistic of the online
+    path is the row statistic of the transposed problem, which then needs one
+    masked row per column, i.e. a ``mask_idx`` that is injective on [0, M). Every
+    caller's mask is (NT-Xent's self-similarity: distinct rows mask distinct
+    columns). One host sync; only with ``cols=True`` and a mask.
+
+    Raises:
+        ValueError: naming ``mask_idx``, if two rows mask the same column.
+    """
+    hits = torch.bincount(_in_range(mask_idx, m), minlength=m + 1)[:m]
+    if m and int(hits.max()) > 1:
+        column = int(hits.argmax())
+        raise ValueError(
+            f"mask_idx: kernel='triton' with cols=True leaves at most one row out of each "
+            f"column, but {int(hits[column])} rows mask column {column}; use "
+            "kernel='chunked' for such masks"
+        )
+
+
+def column_mask(mask_idx: torch.Tensor, m: int) -> torch.Tensor:
+    """The mask of the transposed problem: per column, the row that masks it, or -1.
+
+    Shape: (N,) -> (M,), int64. ``mask_idx`` must be injective on [0, M)
+    (:func:`check_column_mask`); indices outside [0, M) mask nothing.
+    """
+    n = mask_idx.shape[0]
+    # Out-of-range rows write to a spare slot M, dropped after: no boolean indexing,
+    # no host sync.
+    inverse = torch.full((m + 1,), -1, dtype=torch.int64, device=mask_idx.device)
+    rows = torch.arange(n, dtype=torch.int64, device=mask_idx.device)
+    inverse.scatter_(0, _in_range(mask_idx, m), rows)
+    return inverse[:m].contiguous()
+
+
+def _in_range(mask_idx: torch.Tensor, m: int) -> torch.Tensor:
+    """``mask_idx`` with every index outside [0, M) replaced by M."""
+    inside = (mask_idx >= 0) & (mask_idx < m)
+    return torch.where(inside, mask_idx, torch.full_like(mask_idx, m))
+
+
 def _cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
@@ -216,9 +262,10 @@ class _TritonLSE(torch.autograd.Function):
         else:
             lse, _ = _row_lse(kernels, ac, bc, t, mask, None, False, blk)
             if want_cols:
-                # No common shift: the column statistic is the row statistic of
-                # the transposed problem (cols come without a mask).
-                clse, _ = _row_lse(kernels, bc, ac, t, None, None, False, blk)
+                # No common shift: the column statistic is the row statistic of the
+                # transposed problem, whose row j leaves out the row that masks j.
+                mask_t = None if mask is None else column_mask(mask, m)
+                clse, _ = _row_lse(kernels, bc, ac, t, mask_t, None, False, blk)
         if extra is not None:
             lse = torch.logaddexp(lse, extra.detach().to(torch.float32))
         ctx.save_for_backward(a, b, inv_temp, extra, mask_idx, lse, clse)
@@ -299,7 +346,8 @@ def triton_lse(
         inv_temp: inverse temperature t. Shape: () (0-dim); may require grad.
         extra: one more logit per row, in the row log-sum-exp only. Shape: (N,).
         mask_idx: per row, one column to leave out of both log-sum-exps, or an
-            index outside [0, M) for none. Shape: (N,), int64.
+            index outside [0, M) for none. Shape: (N,), int64. With ``cols=True``
+            no two rows may mask the same column (the chunked kernel allows it).
         cols: also return the column log-sum-exp (over the N rows).
         chunk_size: tile edge, a power of two >= 16; None for :data:`DEFAULT_BLOCK`.
 
@@ -310,10 +358,15 @@ def triton_lse(
     Raises:
         ImportError: triton is not installed.
         ValueError: naming ``kernel`` for an unsupported dtype or device (see
-            :func:`check_triton_inputs`), or ``chunk_size`` that is not a power of
-            two >= 16.
+            :func:`check_triton_inputs`), ``chunk_size`` that is not a power of
+            two >= 16, or naming ``mask_idx`` when ``cols=True`` and two rows mask
+            one column (:func:`check_column_mask`).
     """
     block = check_triton_block(chunk_size)
     check_triton_inputs(a)
+    if cols and mask_idx is not None:
+        # Checked on both paths, so that what is accepted does not depend on the
+        # temperature (only the online path needs it).
+        check_column_mask(mask_idx, b.shape[0])
     lse, clse = _TritonLSE.apply(a, b, inv_temp, extra, mask_idx, cols, block)
     return lse, (clse if cols else None)
