@@ -10,9 +10,13 @@
   gradient convention
 - :mod:`~dist_infonce.losses.labels`: SupCon's per-class sums
 - :mod:`~dist_infonce.losses.temperature`: fixed and learnable temperature (module base)
+- :mod:`~dist_infonce.losses.learnable`: a loss module's own parameters, averaged over the
+  ranks where no DDP does it
 
 SigLIP's sigmoid loss joins as ``losses/siglip.py`` (``siglip_loss`` / ``SigLIP``): it
-takes the same ``LossOptions``, checks and dispatch.
+takes the same ``LossOptions``, checks and dispatch, and its learnable scale and bias
+go through :class:`~dist_infonce.losses.learnable.AveragesOwnGradients` like the
+temperature here.
 """
 
 from dist_infonce.losses.infonce import InfoNCE, info_nce

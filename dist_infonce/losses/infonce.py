@@ -11,7 +11,9 @@ loss of its own rows against the global pool, and ``reduction="mean"`` returns
 returned values is then the global mean, and after DDP averages gradients over
 ranks every parameter gradient, the temperature's included, equals that of one
 process computing the mean over the concatenated global batch, also when local
-batch sizes differ. Nothing here all-reduces a parameter gradient.
+batch sizes differ. The functions all-reduce no parameter gradient; the module's own
+learnable temperature is averaged by the module where no DDP does it
+(:mod:`dist_infonce.losses.learnable`).
 """
 
 from __future__ import annotations
@@ -302,8 +304,11 @@ class InfoNCE(TemperatureModule):
             group: as in :func:`info_nce`; also attributes, checked when assigned.
         learn_temperature: own a learnable temperature, parametrised as
             ``logit_scale = log(1 / temperature)`` and clamped to 1/temperature <= 100
-            (CLIP). Under DDP its gradient follows the same convention as every
-            other parameter: no extra world-size factor.
+            (CLIP). Inside a DDP module DDP averages its gradient; beside one (or
+            under :func:`~dist_infonce.cached_backward`) the module averages it over
+            the ranks of ``group`` in its backward, so every rank keeps the same
+            temperature and the gradient follows the convention of every other
+            parameter: no extra world-size factor.
 
     Shape:
         query: (N, D); positive_key: (N, D); negative_keys: None, (M, D) or (N, M, D).

@@ -148,7 +148,8 @@ class NTXent(TemperatureModule):
             ``module.temperature = value`` sets it later.
         reduction, normalize, chunk_size, kernel, gather, group: as in
             :func:`nt_xent`; also attributes, checked when assigned.
-        learn_temperature: as in :class:`~dist_infonce.InfoNCE`.
+        learn_temperature: as in :class:`~dist_infonce.InfoNCE` (its gradient is
+            averaged over ``group`` by the module when no DDP forward owns it).
 
     Shape:
         z1: (N, D); z2: (N, D). Output: () or (2N,) for ``reduction="none"``.

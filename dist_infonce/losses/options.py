@@ -56,7 +56,7 @@ class LossOptions:
     gather: bool = False
     """Pool the rows of every rank of ``group`` (:func:`dist_infonce.all_gather_with_grad`)."""
     group: ProcessGroup | None = None
-    """Process group of ``gather``; None: the world."""
+    """Process group of ``gather`` (and of a learnable parameter's average); None: the world."""
 
     def __post_init__(self) -> None:
         # The order of the checks is the order of the messages users have seen so far.

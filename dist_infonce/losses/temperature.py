@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dist_infonce.kernels import compute_dtype
+from dist_infonce.losses.learnable import AveragesOwnGradients
 
 __all__ = ["MAX_LOGIT_SCALE", "Temperature", "TemperatureModule", "inverse_temperature",
            "temperature_value"]  # fmt: skip
@@ -69,7 +70,7 @@ def inverse_temperature(temperature: Any, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(1.0 / float(temperature), dtype=dt, device=like.device)
 
 
-class TemperatureModule(nn.Module):
+class TemperatureModule(AveragesOwnGradients):
     """Base of :class:`~dist_infonce.InfoNCE` and :class:`~dist_infonce.NTXent`: the temperature.
 
     Fixed (``learn_temperature=False``): the number or tensor given; a tensor the
@@ -78,7 +79,9 @@ class TemperatureModule(nn.Module):
 
     Learnable: the parameter ``logit_scale = log(1 / temperature)`` (a multiplicative
     parametrisation keeps the temperature positive and its steps scale-free), clamped
-    in the forward to ``1 / temperature <= 100`` (CLIP).
+    in the forward to ``1 / temperature <= 100`` (CLIP). Its gradient is averaged over
+    the ranks of ``group`` by the module itself when no DDP forward owns it
+    (:mod:`dist_infonce.losses.learnable`).
 
     ``module.temperature`` reads the temperature of the next forward as a tensor;
     assigning a number or one-element tensor sets it (schedules do so). With
@@ -125,8 +128,8 @@ class TemperatureModule(nn.Module):
     def inverse_temperature(self, like: torch.Tensor) -> torch.Tensor:
         """1 / temperature for this forward. Shape: (); ``like``'s accumulation dtype."""
         if self.learn_temperature:
-            scale = _clamped_scale(self.logit_scale)
-            return scale.to(device=like.device, dtype=compute_dtype(like.dtype))
+            (log_scale,) = self.rank_averaged(self.logit_scale, device=like.device)
+            return _clamped_scale(log_scale).to(dtype=compute_dtype(like.dtype))
         temperature_value(self._temperature)  # a user-owned tensor may have changed
         return inverse_temperature(self._temperature, like)
 
