@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_infonce.dist import _comm_device
+from dist_infonce.dist import _comm_device, all_reduce_mean
 
 __all__ = ["cached_backward"]
 
@@ -298,19 +298,28 @@ def _broadcast_buffers(ddp: DistributedDataParallel) -> None:
 def _agreement_group(model: object, loss_fn: object) -> tuple[bool, ProcessGroup | None]:
     """Whether every rank of a group is known to be in this call, and that group.
 
-    A DDP model or a gathering loss (``gather=True``) run collectives on every rank
-    anyway; there one tiny all-gather first lets all ranks fail together on bad input
-    (a rank that raised alone would leave the others waiting in a collective).
-    Otherwise the ranks may call this independently, and nothing is exchanged.
+    This call runs a collective on every rank of a group when the model is DDP (its
+    gradient all-reduce), when the loss gathers (``gather=True``), or when learnable
+    loss parameters get their gradient averaged over the loss's ``group``: by
+    :func:`_averaged_over_ranks`, or by the loss module itself in its backward
+    (``averages_own_gradients``). There one tiny all-gather first lets all ranks fail
+    together on bad input (a rank that raised alone would leave the others waiting in
+    that collective). Otherwise the ranks may call this independently, and nothing is
+    exchanged: neither this all-gather nor an average of loss parameters.
     """
     if not dist.is_available() or not dist.is_initialized():
         return False, None
     fns = model if isinstance(model, list | tuple) else [model]
     ddp = next((d for d in map(_as_ddp, fns) if d is not None), None)
+    loss = _loss_module(loss_fn)
     if ddp is not None:
         group = ddp.process_group
-    elif getattr(_loss_module(loss_fn), "gather", False):
-        group = getattr(_loss_module(loss_fn), "group", None)
+    elif isinstance(loss, DistributedDataParallel):
+        group = loss.process_group
+    elif getattr(loss, "gather", False) or _loss_params(loss_fn) or _self_averaging(loss_fn):
+        group = getattr(loss, "group", None)
+        # A module that averages its own parameters does so over its own group.
+        group = next((getattr(m, "group", None) for m in _self_averaging(loss_fn)), group)
     else:
         return False, None
     return dist.get_world_size(group) > 1, group
@@ -365,11 +374,35 @@ def _loss_module(loss_fn: object) -> object:
     return loss_fn
 
 
-def _loss_params(loss_fn: object) -> list[nn.Parameter]:
+def _self_averaging(loss_fn: object) -> list[nn.Module]:
+    """The modules of ``loss_fn`` with trainable parameters that average their gradients
+    themselves.
+
+    Protocol: a module whose class sets ``averages_own_gradients = True`` (this
+    package's ``InfoNCE`` and ``NTXent``) all-reduces, in its own backward, the mean of
+    its parameters' gradients over the ranks of its ``group`` whenever no DDP forward
+    owns them (:mod:`dist_infonce.losses.learnable`); ``cached_backward`` calls the loss
+    outside any DDP forward, so it always does here.
+    """
     loss_fn = _loss_module(loss_fn)
-    if isinstance(loss_fn, nn.Module) and not isinstance(loss_fn, DistributedDataParallel):
-        return [p for p in loss_fn.parameters() if p.requires_grad]
-    return []
+    if not isinstance(loss_fn, nn.Module) or isinstance(loss_fn, DistributedDataParallel):
+        return []
+    return [
+        m
+        for m in loss_fn.modules()
+        if getattr(m, "averages_own_gradients", False)
+        and any(p.requires_grad for p in m.parameters())
+    ]
+
+
+def _loss_params(loss_fn: object) -> list[nn.Parameter]:
+    """The trainable parameters of a loss module that this call averages over the ranks:
+    all of them but those of :func:`_self_averaging` modules (one average, not two)."""
+    loss_fn = _loss_module(loss_fn)
+    if not isinstance(loss_fn, nn.Module) or isinstance(loss_fn, DistributedDataParallel):
+        return []
+    own = {id(p) for m in _self_averaging(loss_fn) for p in m.parameters()}
+    return [p for p in loss_fn.parameters() if p.requires_grad and id(p) not in own]
 
 
 @contextmanager
@@ -377,8 +410,10 @@ def _averaged_over_ranks(params: Sequence[nn.Parameter], group: Any) -> Iterator
     """Average over ``group`` the gradient that the block adds to ``params``.
 
     The loss module lives outside DDP, so nothing else would average its gradient
-    (a learnable temperature); without this, each rank would step with its own
-    share, world_size times the convention of DESIGN.md. One all-reduce.
+    (a learnable parameter of the user's loss module); without this, each rank would
+    step with its own share, world_size times the convention of DESIGN.md. One
+    all-reduce, exactly when :func:`_agreement_group` counts on it (``params``
+    non-empty and more than one rank), so every rank of ``group`` is in it.
     """
     if not params or not dist.is_initialized() or dist.get_world_size(group) == 1:
         yield
@@ -393,10 +428,7 @@ def _averaged_over_ranks(params: Sequence[nn.Parameter], group: Any) -> Iterator
         added = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         for p, b in zip(params, before, strict=True):
             p.grad = b
-    flat = torch.cat([a.reshape(-1) for a in added])
-    flat = flat.to(_comm_device(flat, group))  # NCCL: a CPU logit scale goes to CUDA
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    flat = all_reduce_mean(torch.cat([a.reshape(-1) for a in added]), group)
     offset = 0
     for p, b in zip(params, before, strict=True):
         avg = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
@@ -446,11 +478,14 @@ def cached_backward(
             with inputs that need no gradient) is not re-run in pass 2.
         loss_fn: called once as ``loss_fn(*outputs)`` on the outputs concatenated over
             the micro-batches (the outputs of all towers, in order); returns a 0-dim
-            tensor. If it is an ``nn.Module`` with trainable parameters (a learnable
-            temperature; also behind ``functools.partial``, e.g. with bound ``labels``,
-            but not inside a lambda) and torch.distributed is initialised, the gradient this call
-            adds to them is averaged over the ranks of ``loss_fn.group`` (the world if
-            it has none), so they follow the same convention as DDP's parameters.
+            tensor. If it is an ``nn.Module`` with trainable parameters (also behind
+            ``functools.partial``, e.g. with bound ``labels``, but not inside a lambda)
+            and torch.distributed is initialised, the gradient this call adds to them
+            is averaged over the ranks of ``loss_fn.group`` (the world if it has none),
+            so they follow the same convention as DDP's parameters. Modules that
+            average their own (``averages_own_gradients = True``: this package's
+            ``InfoNCE`` / ``NTXent`` with a learnable temperature) do it in their
+            backward, over their ``group``, and are left alone here.
         inputs: a Tensor or a tuple of Tensors with one first dimension B >= 1 (B may
             differ between ranks); with towers, one such entry per tower.
         micro_batch_size: rows per model call; consecutive slices, the remainder last.

@@ -20,10 +20,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from dist_infonce.kernels.bounds import shift_if_safe
+
 __all__ = [
     "GatherLayer",
     "all_gather_with_grad",
     "all_reduce_logsumexp",
+    "all_reduce_mean",
     "gather_labels",
     "get_rank",
     "get_world_size",
@@ -347,10 +350,6 @@ class _AllReduceLSE(torch.autograd.Function):
         return g.to(x.device) * weight, None, None
 
 
-#: |x - shift| up to which exp(x - shift) keeps full relative precision in float64.
-_FLOAT64_SHIFT_RANGE = 600.0
-
-
 def all_reduce_logsumexp(
     x: torch.Tensor,
     group: ProcessGroup | None = None,
@@ -382,5 +381,29 @@ def all_reduce_logsumexp(
     """
     if not is_distributed(group):
         return x
-    shift = bound if bound is not None and 2.0 * bound <= _FLOAT64_SHIFT_RANGE else None
+    # The partial sums travel in float64 (see _AllReduceLSE), so float64's safe range.
+    shift = shift_if_safe(bound, torch.float64)
     return _AllReduceLSE.apply(x, group, shift)
+
+
+def all_reduce_mean(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """The mean of ``x`` over the ranks of ``group``, as a new tensor (no autograd).
+
+    Used for gradients that no DDP averages (a loss module's learnable temperature):
+    one all-reduce of ``x.numel()`` numbers, summed, then divided by the group's size
+    (as DDP does). Every rank of ``group`` must call it with the same shape.
+
+    Args:
+        x: this rank's value. Shape: any.
+        group: process group; default the world.
+
+    Returns:
+        The mean, on ``x``'s device and in its dtype (under NCCL a CPU tensor makes
+        the round trip through the current CUDA device). At world size 1 a copy of ``x``.
+    """
+    if not is_distributed(group):
+        return x.detach().clone()
+    buf = x.detach().to(_comm_device(x, group), copy=True)  # all_reduce works in place
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    buf /= dist.get_world_size(group)
+    return buf.to(device=x.device, dtype=x.dtype)

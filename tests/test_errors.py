@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,9 +38,12 @@ K = torch.randn(4, 3)
         ({"temperature": math.inf}, r"temperature must be > 0 and finite, got inf"),
         ({"temperature": math.nan}, r"temperature must be > 0 and finite, got nan"),
         ({"temperature": torch.tensor(-1.0)}, r"temperature must be > 0 and finite, got -1.0"),
-        ({"temperature": torch.tensor([0.1, 0.2])}, r"temperature must be .* 0-dim floating-point tensor, got a tensor of shape \(2,\)"),
+        ({"temperature": torch.tensor([0.1, 0.2])}, r"temperature must be .* one-element floating-point tensor, got a tensor of shape \(2,\)"),
         ({"temperature": "0.1"}, r"temperature must be a positive finite float .*, got str"),
         ({"temperature": True}, r"temperature must be a positive finite float .*, got bool"),
+        ({"temperature": np.bool_(True)}, r"temperature must be a positive finite float .*, got bool$"),
+        ({"temperature": torch.tensor([1])}, r"one-element floating-point tensor, got a tensor of shape \(1,\) and dtype torch.int64"),
+        ({"temperature": np.float32(-0.2)}, r"temperature must be > 0 and finite, got -0.2"),
         ({"symmetric": True, "negative_keys": torch.randn(6, 3)}, r"symmetric=True .* negative_keys must be None"),
         ({"query": torch.randn(0, 3), "positive_key": torch.randn(0, 3)}, r"query must have at least one row, got 0"),
         ({"query": torch.randn(4, 0), "positive_key": torch.randn(4, 0)}, r"query must have an embedding dimension D >= 1"),

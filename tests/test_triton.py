@@ -305,3 +305,32 @@ def test_bench_triton_rows_compute_the_same_loss(interpreter: Any, mode: str) ->
     assert got["time_s"] > 0
     loss, ref_loss = torch.tensor(got["loss"]), torch.tensor(ref["loss"])
     assert record_error(f"bench triton row vs chunked ({mode})", loss, ref_loss) <= 1e-6
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.02], ids=["shift", "online"])
+def test_interpreted_column_statistic_keeps_the_mask(interpreter: Any, temperature: float) -> None:
+    # cols=True with mask_idx: every masked entry leaves the column's statistic too.
+    # At 1/temperature = 50 > 32 the online path computes the columns as the
+    # transposed problem, which once ran without the mask (column lse off by ~100%).
+    res = interpreter.apply_async(triton_cases.masked_columns, (temperature, 8)).get(
+        timeout=CASE_TIMEOUT_S
+    )
+    s_max = 1.0 / temperature
+    path = "shift" if temperature == 0.1 else "online"
+    for name, got, ref in res:
+        floor = s_max if name == "grad t" else 1.0
+        err = record_error(f"triton masked cols vs chunked float64 ({path})", got, ref, floor)
+        assert err <= 1e-6 * s_max, f"{name}: error {err:.2e}"
+
+
+def test_interpreted_mask_shared_by_two_rows_is_refused_with_cols(interpreter: Any) -> None:
+    # The transposed problem takes one masked row per column; the chunked kernel
+    # takes any mask, the fused one says what it cannot do.
+    refused = interpreter.apply_async(triton_cases.shared_mask_column, (True,)).get(
+        timeout=CASE_TIMEOUT_S
+    )
+    assert refused.startswith("ValueError: mask_idx:") and "2 rows mask column 2" in refused
+    rows_only = interpreter.apply_async(triton_cases.shared_mask_column, (False,)).get(
+        timeout=CASE_TIMEOUT_S
+    )
+    assert rows_only == "accepted"

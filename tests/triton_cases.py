@@ -137,3 +137,51 @@ def empty_side(n: int, m: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         )
     names = ["row lse", "col lse", "grad a", "grad b", "grad t", "grad extra"]
     return [(nm, x, y) for nm, x, y in zip(names, *out, strict=True)]
+
+
+def masked_columns(temperature: float, seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Triton vs the float64 chunked kernel with ``cols=True`` and an NT-Xent-like mask.
+
+    Masked pairs are self-similar (``b[mask[i]] = a[i]``): the largest logit of their
+    column, as NT-Xent's self-similarity is, so a column statistic that keeps them
+    is far off. Some rows mask nothing (an index past M, or negative). Row and column
+    statistics and the gradients of a, b and t, under a weighted sum of both.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n, m, d = 40, 27, 20
+    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1)
+    rows, cols = torch.randperm(n, generator=g)[:20], torch.randperm(m, generator=g)[:20]
+    mask = torch.full((n,), m, dtype=torch.int64)  # past M: masks nothing
+    mask[rows] = cols
+    mask[rows[:3]] = -1  # negative: masks nothing either
+    inside = (mask >= 0) & (mask < m)
+    b[mask[inside]] = a[inside]
+    base = [a.float(), b.float()]
+    w_row = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+    w_col = torch.linspace(1.5, 0.5, m, dtype=torch.float64)
+    from dist_infonce.kernels import chunked_lse
+    from dist_infonce.kernels.triton_lse import triton_lse
+
+    out = []
+    for fn, dtype in ((triton_lse, torch.float32), (chunked_lse, torch.float64)):
+        x, y = (v.to(dtype).requires_grad_() for v in base)
+        t = torch.tensor(1.0 / temperature, dtype=dtype, requires_grad=True)
+        lse, clse = fn(x, y, t, mask_idx=mask, cols=True, chunk_size=16)
+        total = (lse.double() * w_row).sum() + (clse.double() * w_col).sum()
+        out.append([lse.detach(), clse.detach(), *torch.autograd.grad(total, [x, y, t])])
+    names = ["row lse", "col lse", "grad a", "grad b", "grad t"]
+    return [(nm, x, y) for nm, x, y in zip(names, *out, strict=True)]
+
+
+def shared_mask_column(cols: bool) -> str:
+    """Two rows mask one column: refused with ``cols=True``, accepted without."""
+    from dist_infonce.kernels.triton_lse import triton_lse
+
+    a, b = torch.randn(4, 16), torch.randn(5, 16)
+    mask = torch.tensor([2, 2, 7, -1])
+    try:
+        triton_lse(a, b, torch.tensor(1.0), mask_idx=mask, cols=cols, chunk_size=16)
+    except ValueError as e:
+        return f"ValueError: {e}"
+    return "accepted"

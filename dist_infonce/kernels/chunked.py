@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
+from dist_infonce.kernels.bounds import logit_bound, shift_if_safe
+
 __all__ = ["DEFAULT_CHUNK", "chunked_lse", "compute_dtype", "dense_lse", "no_autocast"]
 
 # Tile edge used when the caller does not force one. Tuned with
@@ -57,25 +59,16 @@ def _mask_tile(s: torch.Tensor, mask_idx: torch.Tensor | None, j0: int) -> None:
     s.scatter_(1, col, torch.where(inside[:, None], float("-inf"), keep))
 
 
-# exp(s - C) keeps full relative precision (no underflow to subnormals) while
-# s - C >= -range: exp(-64) ~ 1.6e-28 >> float32's smallest normal 1.2e-38.
-_SHIFT_RANGE = {torch.float32: 64.0, torch.float64: 600.0}
-
-
 def _fixed_shift(at: torch.Tensor, b: torch.Tensor) -> float | None:
-    """One shift C valid for every logit of ``at @ b.T``, or None.
+    """One shift C valid for every logit of ``at @ b.T`` (the temperature is folded into
+    ``at``), or None: the policy of :mod:`dist_infonce.kernels.bounds`.
 
-    By Cauchy-Schwarz |s_ij| <= C = max_i |at_i| * max_j |b_j|. When 2C fits the
-    dtype's safe exponent range, ``exp(s - C)`` neither overflows nor loses
-    precision anywhere, so one exp per tile serves the row and the column
-    statistics (and both gradient directions) instead of one exp per direction
-    with per-row / per-column maxima. With L2-normalised inputs C = 1/temperature:
-    the fast path holds for temperature >= 1/32 in float32.
+    With a shift, one exp per tile serves the row and the column statistics (and both
+    gradient directions) instead of one exp per direction with per-row / per-column
+    maxima. With L2-normalised inputs C = 1/temperature: the fast path holds for
+    temperature >= 1/32 in float32.
     """
-    if at.shape[0] == 0 or b.shape[0] == 0:
-        return None
-    bound = float(at.norm(dim=1).max() * b.norm(dim=1).max())  # one host sync
-    return bound if 2.0 * bound <= _SHIFT_RANGE[at.dtype] else None
+    return shift_if_safe(logit_bound(at, b), at.dtype)
 
 
 def _tiles(
@@ -314,6 +307,7 @@ def chunked_lse(
             positive logit when negatives are explicit). Shape: (N,).
         mask_idx: per row, one column to leave out of both log-sum-exps, or an index
             outside [0, M) for none (NT-Xent's self-similarity). Shape: (N,), int64.
+            Several rows may mask one column (its statistic leaves them all out).
         cols: also return the column log-sum-exp (over the N rows).
         chunk_size: tile edge; any positive int (need not divide N or M).
 

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
-from dist_infonce.kernels.chunked import DEFAULT_CHUNK, _fixed_shift, compute_dtype, no_autocast
+from dist_infonce.kernels.bounds import logit_bound, shift_if_safe
+from dist_infonce.kernels.chunked import DEFAULT_CHUNK, compute_dtype, no_autocast
 
 __all__ = ["self_lse"]
 
@@ -92,7 +93,7 @@ class _SelfLSE(torch.autograd.Function):
             t = inv_temp.detach().to(dt)
             zf = z.detach().to(dt)
             at = zf * t
-            shift = _fixed_shift(at, zf)
+            shift = shift_if_safe(logit_bound(at, zf), at.dtype)
             lse = _forward(at, zf, chunk, shift)
         ctx.save_for_backward(z, inv_temp, lse)
         ctx.chunk = chunk

@@ -20,6 +20,9 @@ differences are in the numbers only:
   before their two matmuls (as FlashAttention does with P); sums stay float32.
 - the input gradient of the rows is summed with float32 atomics, so its last
   bits may differ from run to run on CUDA.
+- with ``cols=True`` a ``mask_idx`` must not mask one column from two rows (the
+  online path computes the column statistic as the transposed problem, one masked
+  row per column); this is refused with a ``ValueError``.
 
 Devices: CUDA tensors; CPU tensors only when ``TRITON_INTERPRET=1`` was set before
 the kernels were first imported (Triton's interpreter, how CI checks the
@@ -33,6 +36,8 @@ import os
 from types import ModuleType
 
 import torch
+
+from dist_infonce.kernels.bounds import logit_bound, shift_if_safe
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -58,9 +63,6 @@ BLOCK_D_MAX = 128
 #: (``python -m dist_infonce.bench --triton-variants`` sets these two per row.)
 BWD_WARPS: int | None = None
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# As in the chunked kernel: exp(s - C) keeps full float32 precision while
-# s - C >= -64 (exp(-64) ~ 1.6e-28, far above the smallest normal float32).
-_SHIFT_RANGE = 64.0
 
 _kernels: ModuleType | None = None
 
@@ -138,19 +140,6 @@ def check_triton_inputs(x: torch.Tensor) -> None:
         )
 
 
-def _fixed_shift(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> float | None:
-    """C = t * max|a_i| * max|b_j| >= |s_ij| (Cauchy-Schwarz) when 2C fits, else None.
-
-    Norms in float32 without a float32 copy of the inputs (one host sync).
-    """
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return None
-    na = torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
-    nb = torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max()
-    bound = float(na * nb * t)
-    return bound if 2.0 * bound <= _SHIFT_RANGE else None
-
-
 class _Blocks:
     """Launch shapes for one (D, dtype, tile edge)."""
 
@@ -193,6 +182,49 @@ def _row_lse(
     return lse, (csum if want_col_sums else None)
 
 
+def check_column_mask(mask_idx: torch.Tensor, m: int) -> None:
+    """Refuse a mask that leaves two rows out of one column's statistic.
+
+    The kernels take one masked column per row; the column statistic of the online
+    path is the row statistic of the transposed problem, which then needs one
+    masked row per column, i.e. a ``mask_idx`` that is injective on [0, M). Every
+    caller's mask is (NT-Xent's self-similarity: distinct rows mask distinct
+    columns). One host sync; only with ``cols=True`` and a mask.
+
+    Raises:
+        ValueError: naming ``mask_idx``, if two rows mask the same column.
+    """
+    hits = torch.bincount(_in_range(mask_idx, m), minlength=m + 1)[:m]
+    if m and int(hits.max()) > 1:
+        column = int(hits.argmax())
+        raise ValueError(
+            f"mask_idx: kernel='triton' with cols=True leaves at most one row out of each "
+            f"column, but {int(hits[column])} rows mask column {column}; use "
+            "kernel='chunked' for such masks"
+        )
+
+
+def column_mask(mask_idx: torch.Tensor, m: int) -> torch.Tensor:
+    """The mask of the transposed problem: per column, the row that masks it, or -1.
+
+    Shape: (N,) -> (M,), int64. ``mask_idx`` must be injective on [0, M)
+    (:func:`check_column_mask`); indices outside [0, M) mask nothing.
+    """
+    n = mask_idx.shape[0]
+    # Out-of-range rows write to a spare slot M, dropped after: no boolean indexing,
+    # no host sync.
+    inverse = torch.full((m + 1,), -1, dtype=torch.int64, device=mask_idx.device)
+    rows = torch.arange(n, dtype=torch.int64, device=mask_idx.device)
+    inverse.scatter_(0, _in_range(mask_idx, m), rows)
+    return inverse[:m].contiguous()
+
+
+def _in_range(mask_idx: torch.Tensor, m: int) -> torch.Tensor:
+    """``mask_idx`` with every index outside [0, M) replaced by M."""
+    inside = (mask_idx >= 0) & (mask_idx < m)
+    return torch.where(inside, mask_idx, torch.full_like(mask_idx, m))
+
+
 def _cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
@@ -215,7 +247,10 @@ class _TritonLSE(torch.autograd.Function):
         t = inv_temp.detach().to(torch.float32).reshape(1).contiguous()
         mask = None if mask_idx is None else mask_idx.contiguous()
         blk = _Blocks(a.shape[1], a.dtype, block, _interpreted(kernels))
-        shift = _fixed_shift(ac, bc, t)
+        # Norms in float32 without a float32 copy of half inputs; the statistics are
+        # float32 whatever the input dtype, so is the safe range.
+        bound = logit_bound(ac, bc, scale=t, norm_dtype=torch.float32)
+        shift = shift_if_safe(bound, torch.float32)
         clse = torch.full((m if want_cols else 0,), float("-inf"), device=a.device)
         if n == 0 or m == 0:
             # Empty pool: every row log-sum-exp is log(0) (as in the chunked kernel).
@@ -227,9 +262,10 @@ class _TritonLSE(torch.autograd.Function):
         else:
             lse, _ = _row_lse(kernels, ac, bc, t, mask, None, False, blk)
             if want_cols:
-                # No common shift: the column statistic is the row statistic of
-                # the transposed problem (cols come without a mask).
-                clse, _ = _row_lse(kernels, bc, ac, t, None, None, False, blk)
+                # No common shift: the column statistic is the row statistic of the
+                # transposed problem, whose row j leaves out the row that masks j.
+                mask_t = None if mask is None else column_mask(mask, m)
+                clse, _ = _row_lse(kernels, bc, ac, t, mask_t, None, False, blk)
         if extra is not None:
             lse = torch.logaddexp(lse, extra.detach().to(torch.float32))
         ctx.save_for_backward(a, b, inv_temp, extra, mask_idx, lse, clse)
@@ -310,7 +346,8 @@ def triton_lse(
         inv_temp: inverse temperature t. Shape: () (0-dim); may require grad.
         extra: one more logit per row, in the row log-sum-exp only. Shape: (N,).
         mask_idx: per row, one column to leave out of both log-sum-exps, or an
-            index outside [0, M) for none. Shape: (N,), int64.
+            index outside [0, M) for none. Shape: (N,), int64. With ``cols=True``
+            no two rows may mask the same column (the chunked kernel allows it).
         cols: also return the column log-sum-exp (over the N rows).
         chunk_size: tile edge, a power of two >= 16; None for :data:`DEFAULT_BLOCK`.
 
@@ -321,10 +358,15 @@ def triton_lse(
     Raises:
         ImportError: triton is not installed.
         ValueError: naming ``kernel`` for an unsupported dtype or device (see
-            :func:`check_triton_inputs`), or ``chunk_size`` that is not a power of
-            two >= 16.
+            :func:`check_triton_inputs`), ``chunk_size`` that is not a power of
+            two >= 16, or naming ``mask_idx`` when ``cols=True`` and two rows mask
+            one column (:func:`check_column_mask`).
     """
     block = check_triton_block(chunk_size)
     check_triton_inputs(a)
+    if cols and mask_idx is not None:
+        # Checked on both paths, so that what is accepted does not depend on the
+        # temperature (only the online path needs it).
+        check_column_mask(mask_idx, b.shape[0])
     lse, clse = _TritonLSE.apply(a, b, inv_temp, extra, mask_idx, cols, block)
     return lse, (clse if cols else None)

@@ -1,0 +1,145 @@
+"""The temperature: a fixed number or tensor, or CLIP's learnable log-parametrised logit scale.
+
+Accepted everywhere a temperature is taken (the functions, the constructors and
+``module.temperature = ...``), as info-nce-pytorch accepts them: a Python or NumPy
+real number (``0.2``, ``np.float32(0.2)``, ``np.float64(0.2)``), or a floating-point
+tensor with one element (shape ``()``, ``(1,)``, ...). A tensor receives its gradient,
+in its own shape. The losses use the inverse ``1 / temperature`` as a 0-dim tensor in
+the accumulation dtype (float32, float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_infonce.kernels import compute_dtype
+from dist_infonce.losses.learnable import AveragesOwnGradients
+
+__all__ = ["MAX_LOGIT_SCALE", "Temperature", "TemperatureModule", "inverse_temperature",
+           "temperature_value"]  # fmt: skip
+
+#: A float, an int, a NumPy real scalar, or a one-element floating-point tensor.
+Temperature = float | torch.Tensor
+#: CLIP's cap on the learnable logit scale 1 / temperature.
+MAX_LOGIT_SCALE = 100.0
+
+
+def temperature_value(temperature: object) -> float:
+    """The temperature as a Python float, checked (one host sync for a tensor).
+
+    Raises:
+        ValueError: naming ``temperature``, for anything but a real number (bool
+            excluded) or a one-element floating-point tensor, or a value that is not
+            positive and finite.
+    """
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or not temperature.is_floating_point():
+            raise ValueError(
+                "temperature must be a positive finite float or a one-element floating-point "
+                f"tensor, got a tensor of shape {tuple(temperature.shape)} and dtype "
+                f"{temperature.dtype}"
+            )
+        value = float(temperature.detach().reshape(()))  # a bad value is worse than a sync
+    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        # numbers.Real: int, float, NumPy's integer and floating scalars (not np.bool_).
+        value = float(temperature)
+    else:
+        raise ValueError(
+            "temperature must be a positive finite float (a Python or NumPy number) or a "
+            f"one-element floating-point tensor, got {type(temperature).__name__}"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be > 0 and finite, got {value}")
+    return value
+
+
+def inverse_temperature(temperature: Any, like: torch.Tensor) -> torch.Tensor:
+    """``1 / temperature`` as a 0-dim tensor in ``like``'s accumulation dtype and device.
+
+    A tensor temperature stays in the graph (its gradient comes back in its shape).
+    Shape: ().
+    """
+    dt = compute_dtype(like.dtype)
+    if isinstance(temperature, torch.Tensor):
+        return (1.0 / temperature.reshape(())).to(device=like.device, dtype=dt)
+    return torch.tensor(1.0 / float(temperature), dtype=dt, device=like.device)
+
+
+class TemperatureModule(AveragesOwnGradients):
+    """Base of :class:`~dist_infonce.InfoNCE` and :class:`~dist_infonce.NTXent`: the temperature.
+
+    Fixed (``learn_temperature=False``): the number or tensor given; a tensor the
+    user owns is re-checked at every call and receives its gradient (nothing here
+    averages it: it is the user's, e.g. a parameter of their DDP model).
+
+    Learnable: the parameter ``logit_scale = log(1 / temperature)`` (a multiplicative
+    parametrisation keeps the temperature positive and its steps scale-free), clamped
+    in the forward to ``1 / temperature <= 100`` (CLIP). Its gradient is averaged over
+    the ranks of ``group`` by the module itself when no DDP forward owns it
+    (:mod:`dist_infonce.losses.learnable`).
+
+    ``module.temperature`` reads the temperature of the next forward as a tensor;
+    assigning a number or one-element tensor sets it (schedules do so). With
+    ``learn_temperature=True`` assigning writes ``log(1 / value)`` into ``logit_scale``
+    in place: the optimizer keeps the same parameter and its state, the value of a
+    tensor is read once (not tracked), and the forward clamps as above.
+    """
+
+    def __init__(self, temperature: Temperature, *, learn_temperature: bool) -> None:
+        super().__init__()
+        value = temperature_value(temperature)
+        self.learn_temperature = learn_temperature
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / value)))
+            self._temperature: Temperature | None = None
+        else:
+            self._temperature = temperature if isinstance(temperature, torch.Tensor) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "temperature":
+            # nn.Module would try to register an nn.Parameter under this name (and
+            # fail: the property exists); every assignment goes to the setter.
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The temperature used by the next forward, as a tensor (0-dim unless the user's is not)."""
+        if self.learn_temperature:
+            return 1.0 / _clamped_scale(self.logit_scale)
+        t = self._temperature
+        return t if isinstance(t, torch.Tensor) else torch.tensor(t)
+
+    @temperature.setter
+    def temperature(self, value: Temperature) -> None:
+        v = temperature_value(value)
+        if self.learn_temperature:
+            with torch.no_grad():
+                self.logit_scale.fill_(math.log(1.0 / v))
+        else:
+            self._temperature = value if isinstance(value, torch.Tensor) else v
+
+    def inverse_temperature(self, like: torch.Tensor) -> torch.Tensor:
+        """1 / temperature for this forward. Shape: (); ``like``'s accumulation dtype."""
+        if self.learn_temperature:
+            (log_scale,) = self.rank_averaged(self.logit_scale, device=like.device)
+            return _clamped_scale(log_scale).to(dtype=compute_dtype(like.dtype))
+        temperature_value(self._temperature)  # a user-owned tensor may have changed
+        return inverse_temperature(self._temperature, like)
+
+    def _temperature_repr(self) -> str:
+        return (
+            f"temperature={float(self.temperature.detach()):.4g}, "
+            f"learn_temperature={self.learn_temperature}"
+        )
+
+
+def _clamped_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    # Clamped in the forward (as CLIP): past 100 the gradient stops pushing.
+    return log_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
