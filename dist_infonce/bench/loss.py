@@ -40,59 +40,41 @@ skipped, with the reason).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import math
 import platform
-import statistics
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dist_infonce.bench.common import (
     DTYPES,
-    Timer,
     csv_choices,
     csv_ints,
-    emit_result,
-    fmt,
     load_avg,
-    load_open_clip_loss,
-    log_log_axes,
-    machine_probe,
-    measure_matmul_rate,
     peer_missing,
-    pyplot,
     run_worker,
-    save_figure,
-    sync,
     write_json,
 )
+from dist_infonce.bench.loss_report import floor_flops, write_outputs
+from dist_infonce.bench.loss_worker import (
+    METHOD_MODES,
+    METHODS,
+    Config,
+    parse_variant,
+    worker_main,
+)
 from dist_infonce.kernels import DEFAULT_CHUNK
-from dist_infonce.memory import peak_memory_mb, reset_peak
 
-__all__ = ["Config", "build_grid", "build_parser", "format_table", "main", "run_config"]
+__all__ = ["build_grid", "build_parser", "main"]
 
-METHODS = ("dense", "chunked", "info_nce_pytorch", "open_clip", "triton", "inf_cl")
 #: What runs on CPU: the fused kernel and Inf-CL need CUDA.
 CPU_METHODS = ("dense", "chunked", "info_nce_pytorch", "open_clip")
 MODES = ("one", "sym")
-#: Modes each method implements: info-nce-pytorch has no symmetric loss and
-#: OpenCLIP's ClipLoss is symmetric only.
-METHOD_MODES: dict[str, tuple[str, ...]] = {
-    "dense": ("one", "sym"),
-    "chunked": ("one", "sym"),
-    "info_nce_pytorch": ("one",),
-    "open_clip": ("sym",),
-    "triton": ("one", "sym"),
-    "inf_cl": ("one", "sym"),
-}
 #: Copies of the (B, B) logits a dense method keeps alive at its peak; the skip
 #: rule multiplies B * B * itemsize by this. Measured (extra RSS / (B*B*4) at
 #: B=8192, float32, on the project machine): dense one-direction 3.0 (matmul
@@ -117,142 +99,6 @@ FULL_EXTRA = ((16384, 512),)
 GPU_SIZES = (16384, 65536, 262144, 1048576)
 GPU_DIM = 512
 GPU_EXTRA = ((65536, 1024),)
-#: Rows of random inputs generated at a time, so that setting up the inputs
-#: leaves no large temporaries behind the baseline.
-_INPUT_BLOCK = 8192
-
-
-@dataclass(frozen=True)
-class Config:
-    """One benchmark configuration, run in its own process.
-
-    Attributes:
-        method: One of ``METHODS``.
-        mode: ``"one"`` (in-batch, one direction) or ``"sym"`` (symmetric / CLIP).
-        batch: B, rows of the query and of the key matrices.
-        dim: D, the embedding dimension.
-        chunk: Tile edge of the chunked kernel; None for other methods.
-        dtype: Name of the input dtype, a key of ``DTYPES``.
-        device: ``"cpu"`` or ``"cuda"``.
-        repeats: Timed forward + backward passes after the warm-up.
-        budget_s: Seconds a configuration may spend on warm-up + timed passes;
-            when one pass is long, fewer than ``repeats`` are timed (at least
-            one). 0 disables the cap.
-        temperature: Softmax temperature (``1 / logit_scale`` for OpenCLIP).
-        seed: Seed of the inputs: every method sees the same matrices.
-        variant: Triton rows only: ``"BLOCKxBLOCK_DxWARPS"`` (tile edge, D slice
-            of the backward, backward warps); None for the kernel's defaults.
-    """
-
-    method: str
-    mode: str
-    batch: int
-    dim: int
-    chunk: int | None
-    dtype: str = "float32"
-    device: str = "cpu"
-    repeats: int = 3
-    budget_s: float = 0.0
-    temperature: float = 0.1
-    seed: int = 0
-    variant: str | None = None
-
-    @property
-    def label(self) -> str:
-        """Method name for tables and legends; tiled rows carry their tile edge."""
-        if self.variant is not None:
-            return f"{self.method}[{self.variant}]"
-        if self.method in ("chunked", "triton") and self.chunk is not None:
-            return f"{self.method}[{self.chunk}]"
-        return self.method
-
-
-# --------------------------------------------------------------------- worker
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _dense_loss(t: float, symmetric: bool) -> LossFn:
-    def dense(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        logits = q @ k.T / t
-        labels = torch.arange(q.shape[0], device=q.device)
-        if not symmetric:
-            return F.cross_entropy(logits, labels)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-    return dense
-
-
-def _triton_loss(cfg: Config) -> LossFn:
-    from dist_infonce import info_nce
-    from dist_infonce.kernels import triton_lse
-
-    chunk, t, symmetric = cfg.chunk, cfg.temperature, cfg.mode == "sym"
-    if cfg.variant is not None:
-        # This worker process runs one configuration: set the module's knobs.
-        chunk, triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS = parse_variant(cfg.variant)
-    return lambda q, k: info_nce(
-        q, k, temperature=t, symmetric=symmetric, chunk_size=chunk, kernel="triton"
-    )
-
-
-def _inf_cl_loss(t: float, symmetric: bool) -> LossFn:
-    cal_inf_loss = importlib.import_module("inf_cl").cal_inf_loss
-
-    def inf_cl(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        # Its logit scale multiplies q; its head_dim must divide D (<= 256).
-        scale = torch.tensor(1.0 / t, device=q.device)
-        head_dim = math.gcd(q.shape[1], 256)
-        loss = cal_inf_loss(q, k, scale=scale, head_dim=head_dim)
-        if not symmetric:
-            return loss
-        return 0.5 * (loss + cal_inf_loss(k, q, scale=scale, head_dim=head_dim))
-
-    return inf_cl
-
-
-def _loss_fn(cfg: Config) -> LossFn:
-    """The loss under test, as ``fn(query, key) -> scalar``."""
-    t, symmetric = cfg.temperature, cfg.mode == "sym"
-    if cfg.method == "dense":
-        return _dense_loss(t, symmetric)
-    if cfg.method == "chunked":
-        from dist_infonce import info_nce
-
-        chunk = cfg.chunk
-        return lambda q, k: info_nce(q, k, temperature=t, symmetric=symmetric, chunk_size=chunk)
-    if cfg.method == "triton":
-        return _triton_loss(cfg)
-    if cfg.method == "inf_cl":
-        return _inf_cl_loss(t, symmetric)
-    if cfg.method == "info_nce_pytorch":
-        # Imported by name: ``info_nce`` the package, not dist_infonce's function.
-        peer = importlib.import_module("info_nce")
-        return lambda q, k: peer.info_nce(q, k, temperature=t)
-    if cfg.method == "open_clip":
-        clip_loss = load_open_clip_loss()()
-        return lambda q, k: clip_loss(q, k, torch.tensor(1.0 / t, device=q.device))
-    raise ValueError(f"unknown method {cfg.method!r}; expected one of {METHODS}")
-
-
-def parse_variant(text: str) -> tuple[int, int, int]:
-    """``"64x128x8"`` -> (tile edge 64, backward D slice 128, backward warps 8).
-
-    Raises:
-        argparse.ArgumentTypeError: not three numbers, BLOCK or BLOCK_D not a power of
-            two >= 16, or WARPS not one of 1, 2, 4, 8, 16.
-    """
-    try:
-        block, block_d, warps = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected BLOCKxBLOCK_DxWARPS such as 64x128x8, got {text!r}"
-        ) from None
-    if min(block, block_d) < 16 or block & (block - 1) or block_d & (block_d - 1):
-        raise argparse.ArgumentTypeError(f"BLOCK and BLOCK_D must be powers of two >= 16: {text!r}")
-    if warps not in (1, 2, 4, 8, 16):
-        raise argparse.ArgumentTypeError(f"WARPS must be 1, 2, 4, 8 or 16: {text!r}")
-    return block, block_d, warps
 
 
 def _csv_variants(text: str) -> list[str]:
@@ -267,98 +113,6 @@ def _csv_variants(text: str) -> list[str]:
     if problems:
         raise argparse.ArgumentTypeError("; ".join(problems))
     return values
-
-
-def _make_inputs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random L2-normalised (B, D) query and key leaves that require grad.
-
-    Generated in float32 on the CPU block by block from one seed, then cast: the
-    same seed gives the same matrices for every method, dtype and device, and no
-    full-size temporary stays behind the baseline.
-    """
-    gen = torch.Generator().manual_seed(cfg.seed)
-    out = []
-    for _ in range(2):
-        x = torch.empty(cfg.batch, cfg.dim, dtype=DTYPES[cfg.dtype], device=cfg.device)
-        for i0 in range(0, cfg.batch, _INPUT_BLOCK):
-            block = torch.randn(min(_INPUT_BLOCK, cfg.batch - i0), cfg.dim, generator=gen)
-            block /= block.norm(dim=1, keepdim=True)
-            x[i0 : i0 + block.shape[0]].copy_(block)
-        out.append(x.requires_grad_(True))
-    return out[0], out[1]
-
-
-def _triton_knobs() -> dict[str, Any]:
-    from dist_infonce.kernels import triton_lse
-
-    return {"block_d_max": triton_lse.BLOCK_D_MAX, "bwd_warps": triton_lse.BWD_WARPS}
-
-
-def run_config(cfg: Config) -> dict[str, Any]:
-    """Measure one configuration in this process; see the module docstring.
-
-    Returns:
-        ``time_s`` (median), ``times_s``, ``warmup_s``, ``repeats_used``,
-        ``extra_mib``, ``loss`` (the warm-up's loss value), ``rate_gflops`` (the
-        matmul rate measured in this process just after the timed passes) and, for
-        triton rows, ``triton_knobs`` (the kernel module's settings during the run).
-    """
-    fn = _loss_fn(cfg)
-    device = torch.device(cfg.device)
-    # Start the BLAS / OpenMP thread pools (and the CUDA context) before the
-    # baseline: they are not part of any loss's memory.
-    warm = torch.ones(64, 64, device=device)
-    (warm @ warm).sum().item()
-    q, k = _make_inputs(cfg)
-    sync(cfg.device)
-    # Right after the reset the peak is what is in use now: the inputs and the
-    # process itself, not the imports' transient high-water mark.
-    reset_peak(device)
-    base_mib = peak_memory_mb(device)
-
-    def step() -> tuple[float, torch.Tensor]:
-        # Fresh gradients each pass, so every pass allocates the same.
-        q.grad = None
-        k.grad = None
-        with Timer(cfg.device) as timer:
-            loss = fn(q, k)
-            loss.backward()
-        return timer.seconds, loss.detach()
-
-    warmup_s, loss = step()
-    if cfg.device == "cuda":
-        # The first CUDA pass also JIT-compiles (Triton) and tunes (cuBLAS); the
-        # second one is the cost the time budget should plan with.
-        warmup_s, loss = step()
-    extra_mib = max(0.0, peak_memory_mb(device) - base_mib)
-    repeats = cfg.repeats
-    if cfg.budget_s > 0:
-        # Long passes (B = 131072 takes minutes on a CPU) get fewer repeats.
-        repeats = min(cfg.repeats, max(1, int((cfg.budget_s - warmup_s) // warmup_s)))
-    times = [step()[0] for _ in range(repeats)]
-    result: dict[str, Any] = {
-        # The matmul rate this process gets right now (after the memory reading: the
-        # probe's buffers would raise the high-water mark). On a shared machine it
-        # tracks the contention the timed passes saw.
-        "rate_gflops": measure_matmul_rate(cfg.dim, cfg.dtype, cfg.device, runs=5),
-        "time_s": statistics.median(times),
-        "times_s": times,
-        "warmup_s": warmup_s,
-        "repeats_used": repeats,
-        "extra_mib": extra_mib,
-        "loss": float(loss),
-    }
-    if cfg.method == "triton":
-        result["triton_knobs"] = _triton_knobs()
-    return result
-
-
-def _worker_main(payload: str) -> None:
-    request = json.loads(payload)
-    if request.get("kind") == "probe":
-        emit_result(machine_probe(request["dims"], request["dtype"], request["device"]))
-    else:
-        emit_result(run_config(Config(**request["config"])))
 
 
 # --------------------------------------------------------------------- the grid
@@ -459,175 +213,22 @@ def _planned_row(cfg: Config, max_gib: float | None) -> dict[str, Any]:
     return row
 
 
-# ------------------------------------------------------------------ the report
-
-
-def _flops(cfg: Config) -> float:
-    """Flops of the 4-matmul floor: 4 x 2*N*M*D with N = M = B (also symmetric)."""
-    return 4 * 2.0 * cfg.batch * cfg.batch * cfg.dim
-
-
-def _add_floors(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
-    """Floor time and fraction of every row at the best matmul rate of the run.
-
-    The machine's rate is the best of the start-up probe and every worker's
-    probe: other jobs only ever slow a probe down, so the best is the closest to
-    what the hardware does, and every row is judged against the same number.
-    """
-    best = machine["matmul_gflops"]
-    for r in rows:
-        if r.get("rate_gflops"):
-            best[str(r["D"])] = max(best.get(str(r["D"]), 0.0), r["rate_gflops"])
-    for r in rows:
-        cfg = Config(**r["config"])
-        rate = best.get(str(cfg.dim))
-        r["floor_s"] = _flops(cfg) / (rate * 1e9) if rate else None
-        if r["status"] == "ok" and rate:
-            r["floor_fraction"] = r["floor_s"] / r["time_s"]
-            r["achieved_gflops"] = _flops(cfg) / r["time_s"] / 1e9
-
-
-def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    dense = {
-        (r["B"], r["D"], r["mode"]): r["time_s"]
-        for r in rows
-        if r["method"] == "dense" and r["status"] == "ok"
-    }
-    for r in rows:
-        ref = dense.get((r["B"], r["D"], r["mode"]))
-        r["speedup_vs_dense"] = ref / r["time_s"] if ref and r["status"] == "ok" else None
-
-
-def _table_line(r: dict[str, Any]) -> str:
-    ok = r["status"] == "ok"
-    note = "" if ok else f"{r['status']}: {r['reason']}"
-    if ok and r.get("repeats_used", 0) < r["config"]["repeats"]:
-        note = f"{r['repeats_used']} timed repeat(s)"
-
-    def cell(key: str, spec: str) -> str:
-        return fmt(r.get(key) if ok else None, spec)
-
-    return (
-        f"| {r['B']} | {r['D']} | {r['mode']} | {r['label']} | {cell('time_s', '.3g')} | "
-        f"{cell('extra_mib', '.1f')} | {cell('achieved_gflops', '.0f')} | "
-        f"{cell('floor_fraction', '.2f')} | {fmt(r.get('speedup_vs_dense'), '.2f')} | "
-        f"{cell('rate_gflops', '.0f')} | {fmt((r.get('load_before') or [None])[0], '.1f')} "
-        f"| {note} |"
-    )
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of the rows, ordered by D, B, mode, method."""
-    order = {m: i for i, m in enumerate(METHODS)}
-    lines = [
-        "| B | D | mode | method | time s | extra MiB | achieved GFLOP/s | floor fraction "
-        "| speedup vs dense | GFLOP/s now | load | note |",
-        "|---:|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|",
-    ]
-    key = lambda r: (r["D"], r["B"], r["mode"], order[r["method"]], r["chunk"] or 0)
-    lines += [_table_line(r) for r in sorted(rows, key=key)]
-    return "\n".join(lines) + "\n"
-
-
-def _plot_series(ax_t: Any, ax_m: Any, plt: Any, ok: list[dict[str, Any]]) -> dict[int, str]:
-    """One line per method x mode x D on both axes; returns the line style of each D."""
-    series: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-    for r in ok:
-        series.setdefault((r["label"], r["mode"], r["D"]), []).append(r)
-    dims = sorted({d for _, _, d in series})
-    markers = dict(zip(dims, "os^vD", strict=False))
-    styles = dict(zip(dims, ["-", "--", ":", "-."], strict=False))
-    colors: dict[tuple[str, str], Any] = {}
-    cmap = plt.get_cmap("tab10")
-    for (label, mode, d), pts in sorted(series.items()):
-        pts = sorted(pts, key=lambda r: r["B"])
-        style = {
-            "color": colors.setdefault((label, mode), cmap(len(colors) % 10)),
-            "marker": markers.get(d, "o"),
-            "linestyle": styles.get(d, "-"),
-            "label": f"{label} {mode} D={d}",
-        }
-        bs = [r["B"] for r in pts]
-        ax_t.plot(bs, [r["time_s"] for r in pts], **style)
-        # RSS can read 0 extra for tiny configs; keep them on a log axis.
-        ax_m.plot(bs, [max(r["extra_mib"], 0.1) for r in pts], **style)
-    return styles
-
-
-def plot(rows: Sequence[dict[str, Any]], machine: dict[str, Any], path: Path) -> bool:
-    """Log-log PNG: time vs B and extra memory vs B, one line per method x mode x D.
-
-    Returns False (and writes nothing) when matplotlib is not installed.
-    """
-    plt = pyplot()
-    if plt is None:
-        return False
-    ok = [r for r in rows if r["status"] == "ok"]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.2))
-    styles = _plot_series(ax_t, ax_m, plt, ok)
-    for d, style in styles.items():
-        # The floor depends only on (B, D); rows of any method carry it.
-        floor_by_b = {r["B"]: r["floor_s"] for r in ok if r["D"] == d and r.get("floor_s")}
-        bs = sorted(floor_by_b)
-        ax_t.plot(
-            bs, [floor_by_b[b] for b in bs], color="black", linestyle=style, linewidth=0.8,
-            alpha=0.6, label=f"4-matmul floor D={d}",
-        )  # fmt: skip
-    rates = ", ".join(f"D={d}: {g:.0f}" for d, g in machine["matmul_gflops"].items())
-    fig.suptitle(
-        f"InfoNCE fwd+bwd, {machine.get('device_name', '?')}, {machine.get('dtype', '?')}, "
-        f"{machine.get('threads', '?')} threads, matmul GFLOP/s {rates}",
-        fontsize=10,
-    )
-    log_log_axes(ax_t, "batch size B", "time per fwd+bwd (s)")
-    log_log_axes(ax_m, "batch size B", "extra peak memory (MiB)")
-    ax_m.legend(fontsize=7, loc="upper left")
-    ax_t.legend(fontsize=7, loc="upper left")
-    save_figure(plt, fig, path)
-    return True
-
-
-def write_outputs(
-    rows: list[dict[str, Any]],
-    machine: dict[str, Any],
-    out: Path,
-    plot_path: Path,
-    *,
-    partial: bool = False,
-) -> tuple[str, bool]:
-    """Derived columns, then ``bench.json``, ``table.md`` and the PNG; returns (table, plotted).
-
-    Rows are those :func:`main` builds (``_row`` plus a worker's result, or a
-    status "skipped" / "failed" with a reason), or rows read back from a
-    ``bench.json`` (``--redraw``; ``partial`` keeps the mark of a run cut short).
-    """
-    _add_speedups(rows)
-    _add_floors(rows, machine)
-    table = format_table(rows)
-    data: dict[str, Any] = {"machine": machine, "rows": rows}
-    if partial:
-        data["partial"] = True
-    write_json(out / "bench.json", data)
-    (out / "table.md").write_text(table)
-    return table, plot(rows, machine, plot_path)
-
-
 # ------------------------------------------------------------------- the sweep
 
 
 def _probe_machine(
-    args: argparse.Namespace, argv: Sequence[str], dims: list[int]
+    *, dims: list[int], dtype: str, device: str, timeout: float, argv: Sequence[str]
 ) -> dict[str, Any]:
     """The machine facts and matmul rates, measured in a worker like every row."""
     load_before = load_avg()
-    request = {"kind": "probe", "dims": dims, "dtype": args.dtype, "device": args.device}
-    probe, why = run_worker([], request, args.timeout)
+    request = {"kind": "probe", "dims": dims, "dtype": dtype, "device": device}
+    probe, why = run_worker([], request, timeout)
     if probe is None:
         raise RuntimeError(f"matmul-rate probe failed: {why}")
     return {
         **probe,
-        "dtype": args.dtype,
-        "device": args.device,
+        "dtype": dtype,
+        "device": device,
         "hostname": platform.node(),
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -649,7 +250,7 @@ def _progress(i: int, n: int, row: dict[str, Any]) -> str:
 
 
 def _measure(
-    cfg: Config, max_gib: float, failed_at: dict[Any, int], timeout: float
+    cfg: Config, *, max_gib: float, failed_at: dict[Any, int], timeout: float
 ) -> dict[str, Any]:
     """The row of ``cfg``: measured in a worker, or skipped / failed with the reason.
 
@@ -671,27 +272,27 @@ def _measure(
     row.update(result)
     # Relative to the rate this worker got; the run-wide fraction is set once
     # every probe is in (_add_floors).
-    row["floor_fraction_now"] = _flops(cfg) / (row["rate_gflops"] * 1e9) / row["time_s"]
+    row["floor_fraction_now"] = floor_flops(cfg) / (row["rate_gflops"] * 1e9) / row["time_s"]
     return row
 
 
 def _sweep(
-    grid: list[Config], args: argparse.Namespace, machine: dict[str, Any], max_gib: float
+    grid: list[Config], *, machine: dict[str, Any], max_gib: float, timeout: float, out: Path
 ) -> list[dict[str, Any]]:
+    """Every configuration's row, in order; ``out/bench.json`` rewritten after each."""
     rows: list[dict[str, Any]] = []
     failed_at: dict[Any, int] = {}
     for i, cfg in enumerate(grid, 1):
-        rows.append(_measure(cfg, max_gib, failed_at, args.timeout))
+        rows.append(_measure(cfg, max_gib=max_gib, failed_at=failed_at, timeout=timeout))
         print(_progress(i, len(grid), rows[-1]), flush=True)
         # A run killed from outside (a device lease ending) keeps what it measured.
-        write_json(args.out / "bench.json", {"machine": machine, "rows": rows, "partial": True})
+        write_json(out / "bench.json", {"machine": machine, "rows": rows, "partial": True})
     return rows
 
 
-def _dry_run(grid: list[Config], args: argparse.Namespace) -> int:
-    """Print and write (``plan.json``) the configurations; nothing is measured."""
-    max_gib = args.max_dense_gib
-    if max_gib is None and args.device == "cpu":
+def _dry_run(grid: list[Config], *, max_gib: float | None, device: str, out: Path) -> int:
+    """Print and write (``out/plan.json``) the configurations; nothing is measured."""
+    if max_gib is None and device == "cpu":
         max_gib = 14.0
     elif max_gib is None and torch.cuda.is_available():
         max_gib = 0.8 * torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -701,8 +302,8 @@ def _dry_run(grid: list[Config], args: argparse.Namespace) -> int:
             row["status"] = "planned"
         what = row["status"] if not row["reason"] else f"{row['status']} ({row['reason']})"
         print(f"[{i}/{len(rows)}] B={row['B']} D={row['D']} {row['mode']} {row['label']}: {what}")
-    write_json(args.out / "plan.json", {"max_dense_gib": max_gib, "rows": rows})
-    print(f"{len(rows)} configurations; wrote {args.out / 'plan.json'}")
+    write_json(out / "plan.json", {"max_dense_gib": max_gib, "rows": rows})
+    print(f"{len(rows)} configurations; wrote {out / 'plan.json'}")
     return 0
 
 
@@ -870,15 +471,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args._worker is not None:
-        _worker_main(args._worker)
+        worker_main(args._worker)
         return 0
     if args.redraw is not None:
         return _redraw(args, parser)
     grid = _check_args(parser, args)
     if args.dry_run:
-        return _dry_run(grid, args)
+        return _dry_run(grid, max_gib=args.max_dense_gib, device=args.device, out=args.out)
     try:
-        machine = _probe_machine(args, argv, sorted({c.dim for c in grid}))
+        dims = sorted({c.dim for c in grid})
+        machine = _probe_machine(
+            dims=dims, dtype=args.dtype, device=args.device, timeout=args.timeout, argv=argv
+        )
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1
@@ -891,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(grid)} configurations",
         flush=True,
     )
-    rows = _sweep(grid, args, machine, max_gib)
+    rows = _sweep(grid, machine=machine, max_gib=max_gib, timeout=args.timeout, out=args.out)
     machine["load_after"] = load_avg()
     plot_path = args.plot or args.out / "bench.png"
     table, plotted = write_outputs(rows, machine, args.out, plot_path)
