@@ -7,7 +7,8 @@
 #      OpenCLIP, Inf-CL, chunked, triton; B = 16k..1M at D = 512, 64k at D = 1024).
 # Results land in $OUT (the device tool's output folder; ./gpu_results elsewhere):
 #   env.txt, pytest_gpu.log, bench.log, bench_gpu.png, bench/bench.json, bench/table.md
-# (6 files; bench.json is rewritten after every row, so a cut-short run keeps its rows).
+# (6 files; bench.json is rewritten after every row, so a cut-short run keeps its rows,
+# and --redraw then writes its table and plot).
 #
 # From this machine, with the device tool, after `bash scripts/fetch_gpu_wheels.sh`:
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -61,3 +62,8 @@ timeout "${BENCH_S:-330}" python3 -m dist_infonce.bench --device cuda --repeats 
   --time-budget 15 --timeout 90 --out "$OUT/bench" --plot "$OUT/bench_gpu.png" \
   ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
+if [ ! -s "$OUT/bench/table.md" ] && [ -s "$OUT/bench/bench.json" ]; then
+  # Cut short by the time limit: the table and plot of the rows it measured.
+  python3 -m dist_infonce.bench --redraw "$OUT/bench/bench.json" --out "$OUT/bench" \
+    --plot "$OUT/bench_gpu.png" 2>&1 | tee -a "$OUT/bench.log"
+fi

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_infonce import GatherLayer, InfoNCE, NTXent, all_gather_with_grad
-from dist_infonce.bench_dist import record_collectives
 from dist_infonce.losses import info_nce
+from dist_infonce.testing import record_collectives
 
 # ------------------------------------------------------------------- GatherLayer
 

@@ -1,178 +1,229 @@
-"""The benchmark measures what it says: same losses across methods, sane rows, outputs."""
+"""The loss sweep (``python -m dist_infonce.bench``) measures what it says, checked through
+its command line: the same loss across methods, rows and derived columns as defined, the
+grid the options ask for, clear errors, and its outputs (JSON, table, plot)."""
 
 from __future__ import annotations
 
+import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from dist_infonce.bench import (
-    CPU_METHODS,
-    GPU_DIM,
-    GPU_EXTRA,
-    GPU_SIZES,
-    METHODS,
-    Config,
-    _row,
-    build_grid,
-    build_parser,
-    dense_estimate_gib,
-    main,
-    peer_missing,
-    run_config,
-    write_outputs,
-)
+from dist_infonce.kernels import DEFAULT_CHUNK
+from tests.bench_cli import read_json, run_bench
+from tests.conftest import record_error
+
+CPU_METHODS = {"dense", "chunked", "info_nce_pytorch", "open_clip"}
+ALL_METHODS = CPU_METHODS | {"triton", "inf_cl"}
 
 
-@pytest.mark.parametrize("mode", ["one", "sym"])
-def test_worker_chunked_matches_dense(mode: str) -> None:
+def _floor_flops(row: dict[str, Any]) -> float:
+    return 4 * 2.0 * row["B"] * row["B"] * row["D"]  # the 4-matmul floor, N = M = B
+
+
+def test_cli_rows_json_table_png(tmp_path: Path) -> None:
     # A tile edge that does not divide B, so the chunked rows span partial tiles.
-    rows = {
-        method: run_config(
-            Config(method, mode, 256, 16, 96 if method == "chunked" else None, repeats=1)
-        )
-        for method in ("dense", "chunked")
-    }
-    for row in rows.values():
-        assert row["time_s"] > 0 and row["warmup_s"] > 0
-        assert row["repeats_used"] == 1 and row["extra_mib"] >= 0
-    ref = rows["dense"]["loss"]
-    assert abs(rows["chunked"]["loss"] - ref) <= 1e-4 * abs(ref)
-
-
-def test_grid_and_skip_rule() -> None:
-    args = build_parser().parse_args(["--quick", "--chunks", "512,1024"])
-    grid = build_grid(args)
-    assert {c.batch for c in grid} == {2048, 4096, 8192} and {c.dim for c in grid} == {128}
-    # Peers only in the mode they implement; one chunked row per distinct tile edge.
-    assert not [c for c in grid if c.method == "open_clip" and c.mode == "one"]
-    assert not [c for c in grid if c.method == "info_nce_pytorch" and c.mode == "sym"]
-    chunks = sorted(
-        c.chunk for c in grid if c.method == "chunked" and c.batch == 2048 and c.mode == "one"
-    )
-    assert chunks == sorted({args.chunk, 512, 1024})
-    full = build_grid(build_parser().parse_args([]))
-    assert {c.method for c in full if c.batch == 131072} == {"chunked"}
-    assert {c.mode for c in full if c.batch == 131072} == {"one"}
-    assert {(c.batch, c.dim) for c in full if c.dim == 512} == {(16384, 512)}
-    big = Config("dense", "one", 65536, 128, None)
-    assert (
-        dense_estimate_gib(big) > 14
-        and dense_estimate_gib(Config("chunked", "one", 65536, 128, 1024)) is None
-    )
-
-
-def test_cli_writes_json_table_png(tmp_path: Path) -> None:
-    # Three fresh interpreters (probe + 2 configurations): the slow part of this file.
-    cmd = [
-        sys.executable, "-m", "dist_infonce.bench", "--sizes", "256", "--dims", "16",
-        "--repeats", "1", "--chunk", "96", "--methods", "dense,chunked", "--modes", "one",
-        "--out", str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads((tmp_path / "bench.json").read_text())
-    assert data["machine"]["matmul_gflops"]["16"] > 0 and data["machine"]["torch"]
-    rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"dense", "chunked"}
+    # Five fresh interpreters (probe + 4 configurations): the slow part of this file.
+    out = tmp_path / "out"
+    proc = run_bench(
+        "--sizes", "256", "--dims", "16", "--repeats", "1", "--chunk", "96",
+        "--methods", "dense,chunked", "--modes", "one,sym", "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = read_json(out / "bench.json")
+    assert "partial" not in data and data["machine"]["torch"] == torch.__version__
+    best = data["machine"]["matmul_gflops"]["16"]  # the best of the probe and every row
+    rows = {(r["method"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {(m, mode) for m in ("dense", "chunked") for mode in ("one", "sym")}
     for row in rows.values():
         assert row["status"] == "ok", row
-        assert row["time_s"] > 0 and row["floor_fraction"] > 0
-    assert abs(rows["chunked"]["loss"] - rows["dense"]["loss"]) <= 1e-4 * abs(rows["dense"]["loss"])
-    assert rows["dense"]["speedup_vs_dense"] == pytest.approx(1.0)
-    table = (tmp_path / "table.md").read_text()
-    assert "| 256 | 16 | one | chunked[96] |" in table and table in proc.stdout
-    assert "[2/2] B=256 D=16 one" in proc.stdout  # one progress line per configuration
-    assert (tmp_path / "bench.png").stat().st_size > 0
+        assert row["time_s"] > 0 and row["warmup_s"] > 0 and row["repeats_used"] == 1
+        assert row["extra_mib"] >= 0 and 0 < row["rate_gflops"] <= best
+        assert row["achieved_gflops"] == pytest.approx(_floor_flops(row) / row["time_s"] / 1e9)
+        assert row["floor_fraction"] == pytest.approx(row["achieved_gflops"] / best)
+    for mode in ("one", "sym"):
+        dense, chunked = rows[("dense", mode)], rows[("chunked", mode)]
+        got, ref = torch.tensor(chunked["loss"]), torch.tensor(dense["loss"])
+        assert record_error(f"bench chunked row vs dense row ({mode})", got, ref) <= 1e-5
+        assert dense["speedup_vs_dense"] == pytest.approx(1.0)
+        assert chunked["speedup_vs_dense"] == pytest.approx(dense["time_s"] / chunked["time_s"])
+    table = (out / "table.md").read_text()
+    assert "| 256 | 16 | one | chunked[96] |" in table and "| 256 | 16 | sym | dense |" in table
+    assert table in proc.stdout
+    assert "[4/4] B=256 D=16 sym" in proc.stdout  # one progress line per configuration
+    assert (out / "bench.png").stat().st_size > 0
 
 
-def test_cli_rejects_unknown_method() -> None:
-    with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args(["--methods", "dense,fast"])
-    assert exc.value.code == 2
+# --------------------------------------------------------------- the grid (--dry-run)
 
 
-# ------------------------------------------------------------------ GPU sweep
+def _plan(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    proc = run_bench("--dry-run", "--out", str(tmp_path), *args, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_json(tmp_path / "plan.json")["rows"]
+    assert f"{len(rows)} configurations" in proc.stdout
+    assert not (tmp_path / "bench.json").exists()  # nothing measured
+    return rows
+
+
+def test_full_cpu_grid_peer_modes_tile_edges_and_skip_rules(tmp_path: Path) -> None:
+    rows = _plan(tmp_path, "--chunks", "512,1024")
+    by = {(r["label"], r["mode"], r["B"], r["D"]): r for r in rows}
+    # CPU defaults: the methods that run on a CPU, in float32.
+    assert {r["method"] for r in rows} == CPU_METHODS and {r["dtype"] for r in rows} == {"float32"}
+    # Peers only in the mode they implement; one chunked row per distinct tile edge.
+    assert not [r for r in rows if r["method"] == "open_clip" and r["mode"] == "one"]
+    assert not [r for r in rows if r["method"] == "info_nce_pytorch" and r["mode"] == "sym"]
+    chunks = [
+        r["chunk"]
+        for r in rows
+        if r["method"] == "chunked" and r["B"] == 4096 and r["mode"] == "one"
+    ]
+    assert sorted(chunks) == sorted({DEFAULT_CHUNK, 512, 1024})
+    # Past B = 32768 only the chunked kernel runs (one direction); D = 512 at B = 16384 only.
+    assert {(r["method"], r["mode"]) for r in rows if r["B"] > 32768} == {("chunked", "one")}
+    assert {(r["B"], r["D"]) for r in rows if r["D"] != 128} == {(16384, 512)}
+    assert {r["B"] for r in rows} == {4096, 8192, 16384, 32768, 65536, 131072}
+    # The dense memory estimate (3.1 / 4.1 copies of the B x B float32 logits) against
+    # the 14 GiB CPU default: one direction at 32768 runs, symmetric is skipped.
+    one, sym = by[("dense", "one", 32768, 128)], by[("dense", "sym", 32768, 128)]
+    assert one["est_dense_gib"] == pytest.approx(3.1 * 32768**2 * 4 / 2**30)
+    assert one["status"] == "planned"
+    assert sym["status"] == "skipped" and sym["reason"].startswith("dense estimate 16.4 GiB")
+    assert by[(f"chunked[{DEFAULT_CHUNK}]", "one", 131072, 128)]["est_dense_gib"] is None
+
+
+def test_gpu_grid_with_triton_variants(tmp_path: Path) -> None:
+    # Planned without a GPU: --dry-run needs no device.
+    rows = _plan(
+        tmp_path, "--device", "cuda", "--max-dense-gib", "80",
+        "--triton-variants", "64x256x16,32X64x4",
+    )  # fmt: skip
+    assert {r["dtype"] for r in rows} == {"bfloat16"} and {r["device"] for r in rows} == {"cuda"}
+    points = {(b, 512) for b in (16384, 65536, 262144, 1048576)} | {(65536, 1024)}
+    assert {(r["B"], r["D"]) for r in rows} == points
+    assert {r["method"] for r in rows} == ALL_METHODS
+    assert {r["mode"] for r in rows if r["method"] in ("triton", "inf_cl")} == {"one", "sym"}
+    for b, d in points:
+        for mode in ("one", "sym"):
+            labels = {
+                (r["label"], r["chunk"])
+                for r in rows
+                if r["method"] == "triton" and (r["B"], r["D"], r["mode"]) == (b, d, mode)
+            }
+            assert labels == {("triton", None), ("triton[64x256x16]", 64), ("triton[32x64x4]", 32)}
+    # Dense B x B logits at B = 256k in bf16 cannot fit an 80 GB GPU: skipped by estimate.
+    big = next(r for r in rows if (r["method"], r["mode"], r["B"]) == ("dense", "sym", 262144))
+    assert big["status"] == "skipped" and "> --max-dense-gib 80.0" in big["reason"]
+
+
+# ------------------------------------------------------------------ errors, redraw
+
+
+BAD_VARIANTS = ("64x100x8", "64x128", "8x128x8", "64x128x3")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--methods", "dense,fast"], ["argument --methods", "'dense,fast'"]),
+        # Every bad variant is named in the one message.
+        (["--triton-variants", ",".join(BAD_VARIANTS)], [f"'{v}'" for v in BAD_VARIANTS]),
+    ],
+    ids=["method", "triton-variants"],
+)
+def test_cli_rejects_bad_options(tmp_path: Path, args: list[str], expected: list[str]) -> None:
+    proc = run_bench(*args, "--out", str(tmp_path), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for text in expected:
+        assert text in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_cuda_without_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["--device", "cuda"])
-    assert exc.value.code == 2
-    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+def test_cuda_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_bench("--device", "cuda", "--out", str(tmp_path), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert "--device cuda: CUDA is not available" in proc.stderr
 
 
-def test_gpu_grid_and_cpu_defaults() -> None:
-    grid = build_grid(build_parser().parse_args(["--device", "cuda"]))
-    assert {c.dtype for c in grid} == {"bfloat16"} and {c.device for c in grid} == {"cuda"}
-    assert {(c.batch, c.dim) for c in grid} == {(b, GPU_DIM) for b in GPU_SIZES} | set(GPU_EXTRA)
-    assert {c.method for c in grid} == set(METHODS)
-    assert {c.mode for c in grid if c.method in ("triton", "inf_cl")} == {"one", "sym"}
-    # Dense B x B logits at B = 256k in bf16 cannot fit an 80 GB GPU: skipped by estimate.
-    assert dense_estimate_gib(Config("dense", "sym", 262144, 512, None, "bfloat16")) > 80
-    cpu = build_grid(build_parser().parse_args(["--quick"]))
-    assert {c.method for c in cpu} <= set(CPU_METHODS) and {c.dtype for c in cpu} == {"float32"}
-    assert peer_missing("triton", "cpu") is not None and peer_missing("inf_cl", "cpu") is not None
+def _row(method: str, **fields: Any) -> dict[str, Any]:
+    # A row shaped as the sweep writes it into bench.json (a CUDA run's, B = 16384).
+    b, d, mode = fields.pop("B", 16384), 512, "sym"
+    config = {"method": method, "mode": mode, "batch": b, "dim": d, "chunk": None}
+    config |= {"dtype": "bfloat16", "device": "cuda", "repeats": 3}
+    row = {"method": method, "label": method, "mode": mode, "B": b, "D": d, "chunk": None}
+    return row | {"status": "ok", "reason": "", "config": config} | fields
 
 
-def _synthetic_rows() -> list[dict]:
-    # Rows shaped as main() builds them, with made-up measurements: the writer's
-    # derived columns are checked against their definitions, not fixed numbers.
+def test_redraw_derives_rates_and_writes_table_json_png(tmp_path: Path) -> None:
+    # Made-up measurements: the derived columns are checked against their definitions.
     rows = []
     for i, method in enumerate(("dense", "chunked", "triton", "inf_cl")):
-        cfg = Config(method, "sym", 16384, 512, None, "bfloat16", "cuda")
-        row = _row(cfg)
-        row.update(
-            time_s=0.01 * (4 - i), times_s=[0.01 * (4 - i)], warmup_s=0.5, repeats_used=3,
-            extra_mib=100.0 * (4 - i), loss=9.7, rate_gflops=600_000.0 + i, load_before=[0.1],
-        )  # fmt: skip
-        rows.append(row)
-    skipped = _row(Config("dense", "sym", 262144, 512, None, "bfloat16", "cuda"))
-    skipped.update(status="skipped", reason="dense estimate 512.0 GiB > --max-dense-gib 64.0")
-    failed = _row(Config("inf_cl", "sym", 1048576, 512, None, "bfloat16", "cuda"))
-    failed.update(status="failed", reason="timeout after 90 s")
-    return [*rows, skipped, failed]
-
-
-def test_writer_derives_rates_and_writes_table_json_png(tmp_path: Path) -> None:
-    rows = _synthetic_rows()
-    machine = {
-        "matmul_gflops": {"512": 550_000.0}, "device_name": "a GPU", "dtype": "bfloat16",
-        "threads": 16,
-    }  # fmt: skip
-    table, plotted = write_outputs(rows, machine, tmp_path, tmp_path / "bench_gpu.png")
-    best_rate = 600_003.0  # the best of the probe and every row's own rate
-    for r in rows[:4]:
-        flops = 4 * 2.0 * r["B"] * r["B"] * r["D"]
-        assert r["achieved_gflops"] == pytest.approx(flops / r["time_s"] / 1e9)
-        assert r["floor_fraction"] == pytest.approx(r["achieved_gflops"] / best_rate)
-        assert r["speedup_vs_dense"] == pytest.approx(rows[0]["time_s"] / r["time_s"])
+        t = 0.01 * (4 - i)
+        measured = {"time_s": t, "times_s": [t], "warmup_s": 0.5, "repeats_used": 3}
+        measured |= {"extra_mib": 100.0 * (4 - i), "loss": 9.7, "load_before": [0.1]}
+        rows.append(_row(method, rate_gflops=600_000.0 + i, **measured))
+    rows.append(_row("dense", B=262144, status="skipped", reason="dense estimate 512.0 GiB"))
+    rows.append(_row("inf_cl", B=1048576, status="failed", reason="timeout after 90 s"))
+    machine = {"matmul_gflops": {"512": 550_000.0}, "device_name": "a GPU", "dtype": "bfloat16"}
+    src = tmp_path / "run" / "bench.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps({"machine": machine, "rows": rows, "partial": True}))
+    out, png = tmp_path / "out", tmp_path / "bench_gpu.png"
+    proc = run_bench("--redraw", str(src), "--out", str(out), "--plot", str(png), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = read_json(out / "bench.json")
+    assert len(data["rows"]) == len(rows) and data["machine"]["matmul_gflops"]["512"] == 600_003.0
+    got = data["rows"]
+    for r in got[:4]:
+        assert r["achieved_gflops"] == pytest.approx(_floor_flops(r) / r["time_s"] / 1e9)
+        assert r["floor_fraction"] == pytest.approx(r["achieved_gflops"] / 600_003.0)
+        assert r["speedup_vs_dense"] == pytest.approx(got[0]["time_s"] / r["time_s"])
+    table = (out / "table.md").read_text()
+    for r in got[:4]:
         assert f"| 16384 | 512 | sym | {r['label']} | {r['time_s']:.3g} |" in table
     assert "skipped: dense estimate 512.0 GiB" in table and "failed: timeout after 90 s" in table
-    data = json.loads((tmp_path / "bench.json").read_text())
-    assert len(data["rows"]) == len(rows) and (tmp_path / "table.md").read_text() == table
-    assert plotted and (tmp_path / "bench_gpu.png").stat().st_size > 0
+    assert table in proc.stdout and png.stat().st_size > 0
 
 
-def test_triton_variants_become_rows_and_set_the_kernel_knobs() -> None:
-    from dist_infonce.bench import _loss_fn
-    from dist_infonce.kernels import triton_lse
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports (also inside functions), by absolute name."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
 
-    args = ["--device", "cuda", "--sizes", "16384", "--triton-variants", "64x256x16,32X64x4"]
-    grid = build_grid(build_parser().parse_args(args))
-    labels = {c.label for c in grid if c.method == "triton"}
-    assert labels == {"triton", "triton[64x256x16]", "triton[32x64x4]"}
-    saved = triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS
-    try:
-        _loss_fn(Config("triton", "one", 256, 16, 32, variant="32x64x4"))
-        assert (triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS) == (64, 4)
-    finally:
-        triton_lse.BLOCK_D_MAX, triton_lse.BWD_WARPS = saved
-    for bad in ("64x100x8", "64x128", "8x128x8", "64x128x3"):
-        with pytest.raises(SystemExit):
-            build_parser().parse_args(["--triton-variants", bad])
+
+def test_layout_tests_drive_the_cli_and_the_modes_do_not_import_each_other() -> None:
+    # Tests check the benchmark through its command line, never by importing it. Inside
+    # it, each module may import only what this map allows: the modes never import
+    # each other, common imports no mode, and the loss sweep's parts form a chain.
+    tests = Path(__file__).parent
+    bench = tests.parent / "dist_infonce" / "bench"
+    offenders = [
+        p.name
+        for p in sorted(tests.glob("*.py"))
+        if any(n.split(".")[:2] == ["dist_infonce", "bench"] for n in _imports(p))
+    ]
+    assert offenders == []
+    allowed = {
+        "__init__": set(),
+        "__main__": set(),  # it imports the chosen mode by name, at run time
+        "common": set(),
+        "loss_worker": {"common"},
+        "loss_report": {"common", "loss_worker"},
+        "loss": {"common", "loss_worker", "loss_report"},
+        "dist": {"common"},
+        "cache": {"common"},
+    }
+    assert {p.stem for p in bench.glob("*.py")} == set(allowed)
+    for p in sorted(bench.glob("*.py")):
+        names = [n.split(".") for n in _imports(p) if n.startswith("dist_infonce.bench")]
+        inside = {parts[2] for parts in names if len(parts) > 2}
+        assert inside <= allowed[p.stem], (p.name, inside - allowed[p.stem])

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 
 from dist_infonce import InfoNCE, NTXent, info_nce, nt_xent
 from tests import triton_cases
+from tests.bench_cli import read_json, run_bench
 from tests.conftest import record_error
 
 CASE_TIMEOUT_S = 120
@@ -293,18 +295,34 @@ def test_interpreted_empty_side_matches_chunked(interpreter: Any, n: int, m: int
             assert got.shape == ref.shape and torch.equal(got, ref.to(got.dtype)), name
 
 
-@pytest.mark.parametrize("mode", ["one", "sym"])
-def test_bench_triton_rows_compute_the_same_loss(interpreter: Any, mode: str) -> None:
-    # The benchmark's triton worker path (run_config), interpreted on CPU here,
-    # against its chunked path: same inputs, same loss.
-    from dist_infonce.bench import Config, run_config
-
-    cfgs = {m: Config(m, mode, 80, 24, 32, repeats=1) for m in ("triton", "chunked")}
-    got = interpreter.apply_async(run_config, (cfgs["triton"],)).get(timeout=CASE_TIMEOUT_S)
-    ref = run_config(cfgs["chunked"])
-    assert got["time_s"] > 0
-    loss, ref_loss = torch.tensor(got["loss"]), torch.tensor(ref["loss"])
-    assert record_error(f"bench triton row vs chunked ({mode})", loss, ref_loss) <= 1e-6
+def test_bench_triton_rows_compute_the_same_loss(tmp_path: Path) -> None:
+    # The benchmark's triton rows (its worker path), interpreted on CPU, against its
+    # chunked rows: same inputs, same loss; a variant row sets the kernel's knobs in
+    # its worker. Driven through the command line (tests do not import the benchmark).
+    pytest.importorskip("triton")
+    out = tmp_path / "out"
+    proc = run_bench(
+        "--methods", "chunked,triton", "--modes", "one,sym", "--sizes", "80", "--dims", "24",
+        "--chunk", "32", "--repeats", "1", "--triton-variants", "32x64x4", "--out", str(out),
+        cwd=tmp_path, env={"TRITON_INTERPRET": "1"}, timeout=CASE_TIMEOUT_S * 3,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {(r["label"], r["mode"]): r for r in read_json(out / "bench.json")["rows"]}
+    labels = {"chunked[32]", "triton", "triton[32x64x4]"}
+    assert set(rows) == {(label, mode) for label in labels for mode in ("one", "sym")}
+    for mode in ("one", "sym"):
+        ref = torch.tensor(rows[("chunked[32]", mode)]["loss"])
+        for label in ("triton", "triton[32x64x4]"):
+            row = rows[(label, mode)]
+            assert row["status"] == "ok" and row["time_s"] > 0, row
+            err = record_error(
+                f"bench triton row vs chunked ({mode})", torch.tensor(row["loss"]), ref
+            )
+            assert err <= 1e-6
+        assert rows[("triton", mode)]["triton_knobs"] == {"block_d_max": 128, "bwd_warps": None}
+        variant = rows[("triton[32x64x4]", mode)]
+        assert variant["chunk"] == 32
+        assert variant["triton_knobs"] == {"block_d_max": 64, "bwd_warps": 4}
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.02], ids=["shift", "online"])
