@@ -409,7 +409,9 @@ def _faults(spec: str) -> tuple[tuple[str, int, int | None], ...]:
     return tuple(out)
 
 
-def inject_fault(loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
+def inject_fault(
+    loss: torch.Tensor, *, step: int, rank: int, spec: str | None = None
+) -> torch.Tensor:
     """FOR TESTS ONLY: the fault ``DIST_INFONCE_TEST_FAULT`` asks for at ``step`` on ``rank``.
 
     Items (comma-separated): ``nan@STEP[:RANK]`` turns this rank's loss (and so its
@@ -420,8 +422,9 @@ def inject_fault(loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
     only in a first attempt (``TORCHELASTIC_RESTART_COUNT`` and
     ``SLURM_RESTART_COUNT`` unset or 0), so a restarted group runs through. No
     RANK means every rank. Unset (always, outside the tests): returns ``loss``.
+    ``spec`` replaces the variable's value when given.
     """
-    spec = os.environ.get(FAULT_ENV)
+    spec = os.environ.get(FAULT_ENV) if spec is None else spec
     if not spec:
         return loss
     for kind, at, only in _faults(spec):
@@ -459,7 +462,7 @@ def install_fault_hook(
     _faults(spec)  # a typo in a test's fault spec fails before training, not at its step
 
     def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
-        return inject_fault(output, step=step(), rank=rank)
+        return inject_fault(output, step=step(), rank=rank, spec=spec)
 
     return module.register_forward_hook(hook)
 
