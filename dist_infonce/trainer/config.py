@@ -112,7 +112,7 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """The contrastive loss (dist_infonce.losses)."""
+    """The contrastive loss (dist_infonce.InfoNCE, dist_infonce.NTXent)."""
 
     kind: Literal["nt_xent", "info_nce", "clip"] = "nt_xent"
     """nt_xent (SimCLR, 2N views) | info_nce (view 0 queries view 1) | clip (symmetric InfoNCE)."""
@@ -140,7 +140,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """The training data (dist_infonce.data)."""
+    """The training data (dist_infonce.trainer.data)."""
 
     name: str = "digits"
     """digits | synthetic_pairs | a user data set ``module:callable`` (see data.py)."""
@@ -164,7 +164,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The encoder(s) and projection head(s) (dist_infonce.models)."""
+    """The encoder(s) and projection head(s) (dist_infonce.trainer.models)."""
 
     name: str = "digits_cnn"
     """digits_cnn | mlp | two_tower | a user encoder ``module:callable`` (see models.py)."""

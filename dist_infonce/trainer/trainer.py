@@ -101,14 +101,14 @@ class Trainer:
         self.step = 0
         self.wandb_id: str | None = None
         # Set by setup(), dropped by close() (None outside that span).
-        self.accelerator: Any = None
-        self.data: ContrastiveData | Any = None
-        self.learner: nn.Module | Any = None
-        self.unwrapped: Learner | Any = None
-        self.encoder: nn.Module | Any = None
-        self.optimizer: torch.optim.Optimizer | Any = None
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | Any = None
-        self.metrics: MetricsLog | Any = None
+        self.accelerator: Any = None  # accelerate.Accelerator, imported only when used
+        self.data: ContrastiveData | None = None
+        self.learner: nn.Module | None = None
+        self.unwrapped: Learner | None = None
+        self.encoder: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.metrics: MetricsLog | None = None
         self.guard: StepGuard | None = None
         self._fault_hook: Any = None
         self._closed = False
