@@ -328,6 +328,7 @@ def test_sbatch_scripts_use_the_trainer_port_rule(script: str, tmp_path: Path) -
             timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
+        assert "Warning" not in proc.stderr, proc.stderr  # the job log stays clean
         line = record.read_text()
         assert line.startswith(f"MASTER_PORT={port} "), line
         assert "--config configs/default.yaml train.steps=1" in line

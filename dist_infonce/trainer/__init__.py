@@ -25,24 +25,38 @@ times)::
     learner(x0, x1, labels).backward()        # or cached_backward(ddp(learner.model), learner.loss_fn, (x0, x1), micro)
 """
 
-from dist_infonce.trainer.config import Config, ConfigError, load_config
-from dist_infonce.trainer.data import ContrastiveData, build_data, sample_batch
-from dist_infonce.trainer.learner import Learner, build_learner, build_loss
-from dist_infonce.trainer.models import PairModel, build_model
-from dist_infonce.trainer.trainer import StepResult, Trainer
+from __future__ import annotations
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "ContrastiveData",
-    "Learner",
-    "PairModel",
-    "StepResult",
-    "Trainer",
-    "build_data",
-    "build_learner",
-    "build_loss",
-    "build_model",
-    "load_config",
-    "sample_batch",
-]
+import importlib
+from typing import Any
+
+# Loaded on first use, not here: `python -m dist_infonce.trainer.launch` (the sbatch
+# scripts) and `-m dist_infonce.trainer.config` must not find their module imported
+# already by this package (runpy warns, and the launch helper stays light).
+_EXPORTS = {
+    "Config": "config",
+    "ConfigError": "config",
+    "load_config": "config",
+    "ContrastiveData": "data",
+    "build_data": "data",
+    "sample_batch": "data",
+    "Learner": "learner",
+    "build_learner": "learner",
+    "build_loss": "learner",
+    "PairModel": "models",
+    "build_model": "models",
+    "StepResult": "trainer",
+    "Trainer": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -100,6 +100,9 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.step = 0
         self.wandb_id: str | None = None
+        # The process's place in the world, known once setup() has started it.
+        self.rank, self.world, self.is_main = 0, 1, True
+        self.device = torch.device("cpu")
         # Set by setup(), dropped by close() (None outside that span).
         self.accelerator: Any = None  # accelerate.Accelerator, imported only when used
         self.data: ContrastiveData | None = None
