@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_infonce import InfoNCE, cached_backward
-from dist_infonce.config import DataConfig
-from dist_infonce.data import SyntheticPairs, batch_generator, recall_at_1
+from dist_infonce.trainer.config import DataConfig
+from dist_infonce.trainer.data import SyntheticPairs, batch_generator, recall_at_1
 
 
 class TwoTower(nn.Module):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_infonce.resilience import NonFiniteError, Preempted, SignalFlag, StepGuard
+from dist_infonce.trainer.resilience import NonFiniteError, Preempted, SignalFlag, StepGuard
 
 LR = 0.1
 

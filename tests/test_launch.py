@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_infonce import sweep
+from dist_infonce.trainer import sweep
 
 # The import registers the real-Slurm fixture `slurm_cluster` in this module.
 from tests.slurm_cluster import (

@@ -2,8 +2,8 @@
 
 Three layers:
 
-- :mod:`dist_infonce.resilience` pieces in this process (signal flags, messages);
-- :class:`~dist_infonce.resilience.StepGuard` on a real 2-rank gloo world with a
+- :mod:`dist_infonce.trainer.resilience` pieces in this process (signal flags, messages);
+- :class:`~dist_infonce.trainer.resilience.StepGuard` on a real 2-rank gloo world with a
   DDP model, against a single-process float64 reference;
 - the trainer end to end: torchrun, two plain processes, and ``sbatch`` on the
   real Slurm test cluster, with signals sent from outside (``kill``, ``scancel
@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_infonce.config import ConfigError, load_config
-from dist_infonce.resilience import (
+from dist_infonce.trainer.config import ConfigError, load_config
+from dist_infonce.trainer.resilience import (
     EXIT_CHECKPOINT_FAILED,
     EXIT_NONFINITE,
     EXIT_PREEMPTED,

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dist_infonce import info_nce, nt_xent
-from dist_infonce.config import Config, ConfigError, load_config
-from dist_infonce.data import DigitsData, SyntheticPairs
-from dist_infonce.models import build_model
-from dist_infonce.train import Learner, _sample, build_loss
+from dist_infonce.trainer.config import Config, ConfigError, load_config
+from dist_infonce.trainer.data import DigitsData, SyntheticPairs, sample_batch
+from dist_infonce.trainer.learner import Learner, build_loss
+from dist_infonce.trainer.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_learner_gives_the_batch_labels_to_the_loss(kind: str) -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model, data.input_shapes)
     learner = Learner(model, build_loss(cfg.loss), kind)
-    x0, x1, labels = _sample(data, cfg, step=3, rank=1, micro=0)
+    x0, x1, labels = sample_batch(data, cfg, step=3, rank=1, micro=0)
     assert labels is not None and labels.shape == (48,) and labels.unique().numel() < 48
     z0, z1 = model(x0, x1)
     if kind == "nt_xent":
@@ -45,10 +45,10 @@ def test_learner_gives_the_batch_labels_to_the_loss(kind: str) -> None:
 def test_unsupervised_batches_carry_no_labels_and_are_unchanged() -> None:
     cfg = Config()
     data = DigitsData(cfg.data)
-    x0, x1, labels = _sample(data, cfg, step=0, rank=0, micro=0)
+    x0, x1, labels = sample_batch(data, cfg, step=0, rank=0, micro=0)
     assert labels is None
     cfg.loss.supervised = True
-    y0, y1, _ = _sample(data, cfg, step=0, rank=0, micro=0)
+    y0, y1, _ = sample_batch(data, cfg, step=0, rank=0, micro=0)
     assert torch.equal(x0, y0) and torch.equal(x1, y1)  # the same batches, labelled
 
 
@@ -57,7 +57,7 @@ def test_supervised_needs_labels_and_no_explicit_negatives() -> None:
         load_config(None, ["loss.supervised=true", "loss.kind=info_nce", "loss.num_negatives=8"])
     cfg = load_config(None, ["loss.supervised=true", "data.name=synthetic_pairs"])
     with pytest.raises(ConfigError, match=r"loss\.supervised: data\.name=.synthetic_pairs."):
-        _sample(SyntheticPairs(cfg.data), cfg, step=0, rank=0, micro=0)
+        sample_batch(SyntheticPairs(cfg.data), cfg, step=0, rank=0, micro=0)
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ def test_metrics_config_and_checkpoints(ref_run: RefRun) -> None:
     """metrics.jsonl has the contract's keys; config.yaml round-trips; keep=2 checkpoints."""
     import torch
 
-    from dist_infonce.config import load_config
+    from dist_infonce.trainer.config import load_config
 
     rows = read_rows(ref_run.out)
     for row in rows[:-1]:
@@ -273,7 +273,7 @@ def test_wandb_offline_values_read_back(ref_run: RefRun) -> None:
 
 def test_wandb_auto_mode_resolution(tmp_path: Path) -> None:
     """auto: $WANDB_MODE wins, then an API key (env or netrc) means online, else offline."""
-    from dist_infonce.train import resolve_wandb_mode
+    from dist_infonce.trainer.metrics import resolve_wandb_mode
 
     netrc_file = tmp_path / "netrc"
     empty = {"NETRC": str(tmp_path / "missing")}
@@ -490,7 +490,7 @@ def test_srun_style_env_two_plain_processes(tmp_path: Path) -> None:
 
 def test_slurm_env_mapping() -> None:
     """RANK & co. come from SLURM_* only for a multi-task step not started by a launcher."""
-    from dist_infonce.train import slurm_env
+    from dist_infonce.trainer.launch import slurm_env
 
     base = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123"}
     got = slurm_env(base)

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_infonce.checkpoint import (
+from dist_infonce.trainer.checkpoint import (
     get_rng_state,
     list_checkpoints,
     load_latest,
@@ -33,11 +33,11 @@ from dist_infonce.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from dist_infonce.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
-from dist_infonce.data import DigitsData, SyntheticPairs, batch_generator, recall_at_1
-from dist_infonce.models import SiameseModel, TwoTowerModel, build_model
-from dist_infonce.optim import LARS, build_optimizer, lr_factor, peak_lr
-from dist_infonce.train import Learner, build_loss
+from dist_infonce.trainer.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
+from dist_infonce.trainer.data import DigitsData, SyntheticPairs, batch_generator, recall_at_1
+from dist_infonce.trainer.learner import Learner, build_loss
+from dist_infonce.trainer.models import SiameseModel, TwoTowerModel, build_model
+from dist_infonce.trainer.optim import LARS, build_optimizer, lr_factor, peak_lr
 
 REPO = Path(__file__).resolve().parents[1]
 

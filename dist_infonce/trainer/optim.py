@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from dist_infonce.config import TrainConfig
+from dist_infonce.trainer.config import TrainConfig
 
 __all__ = ["LARS", "build_optimizer", "lr_factor", "param_groups", "peak_lr"]
 

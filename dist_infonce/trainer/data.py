@@ -6,23 +6,25 @@ seeded from those four numbers (:func:`batch_generator`). There is no iterator
 state to save, so a resumed run sees exactly the batches the uninterrupted run saw,
 and no two ranks (or steps) share a batch.
 
-A user data set is any callable ``module:callable`` that takes
-``(cfg: DataConfig, seed: int)`` and returns an object with the two members of
-:class:`ContrastiveData` (``evaluate`` is optional).
+A user data set is any ``module:callable`` (``data.name``); the trainer calls it as
+``callable(cfg, **cfg.kwargs)``, ``cfg`` being the ``data`` section
+(:class:`~dist_infonce.trainer.config.DataConfig`) and ``data.kwargs`` its keyword
+arguments, and it returns an object with the two members of :class:`ContrastiveData`
+(``evaluate`` is optional). :func:`sample_batch` is the trainer's batch function.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from dist_infonce.config import DataConfig
+from dist_infonce.trainer.config import Config, ConfigError, DataConfig, import_object
 
 __all__ = [
     "ContrastiveData",
@@ -35,6 +37,7 @@ __all__ = [
     "knn_accuracy",
     "linear_probe_accuracy",
     "recall_at_1",
+    "sample_batch",
 ]
 
 #: ``embed(x, view)``: features of ``x`` as seen by tower ``view`` (0 or 1), no grad.
@@ -301,19 +304,77 @@ def build_data(cfg: DataConfig, knn_k: int = 5) -> ContrastiveData:
         knn_k: neighbours of the digits kNN evaluation.
 
     Raises:
-        ValueError: the user callable returned an object without ``sample`` and
+        ConfigError: the callable cannot be imported, does not take
+            ``(cfg, **data.kwargs)``, or returned an object without ``sample`` and
             ``input_shapes``.
     """
     if cfg.name == "digits":
         return DigitsData(cfg, knn_k=knn_k)
     if cfg.name == "synthetic_pairs":
         return SyntheticPairs(cfg)
-    from dist_infonce.config import ConfigError, import_object
-
-    data = import_object(cfg.name, "data.name")(cfg, **cfg.kwargs)
+    make = import_object(cfg.name, "data.name")
+    check_call(make, "data.name", "data.kwargs", (cfg,), cfg.kwargs)
+    data = make(cfg, **cfg.kwargs)
     if not isinstance(data, ContrastiveData):
         raise ConfigError(
             f"data.name={cfg.name!r} returned {type(data).__name__}, which lacks "
-            "`sample(generator, batch_size)` and `input_shapes` (see dist_infonce.data.ContrastiveData)"
+            "`sample(generator, batch_size)` and `input_shapes` (see dist_infonce.trainer.data.ContrastiveData)"
         )
     return data
+
+
+def check_call(
+    fn: Callable[..., Any], key: str, kwargs_key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Refuse, before calling it, a user callable that cannot take ``fn(*args, **kwargs)``.
+
+    A TypeError from deep inside the user's code would not say which config key to fix.
+
+    Raises:
+        ConfigError: naming ``key`` and ``kwargs_key``.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable without a signature: let the call tell
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "none"
+        raise ConfigError(
+            f"{key}: {getattr(fn, '__qualname__', fn)}{signature} cannot be called with "
+            f"{len(args)} positional argument(s) and {kwargs_key} ({given}): {e}"
+        ) from None
+
+
+def sample_batch(
+    data: ContrastiveData, cfg: Config, *, step: int, rank: int, micro: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The training batch ``(x0, x1, labels)`` of ``(step, rank, micro)``: a pure function
+    of ``cfg.seed`` and these numbers, ``cfg.train.batch_size`` rows.
+
+    ``labels`` is None unless ``loss.supervised``. With ``loss.num_negatives`` the
+    explicit negatives (view-1 samples of other items) follow the positives in ``x1``.
+
+    Shape:
+        x0: (B, *input0); x1: (B + M, *input1), M = ``loss.num_negatives``;
+        labels: None or (B,) int64.
+
+    Raises:
+        ConfigError: ``loss.supervised`` with a data set that returns no labels.
+    """
+    g = batch_generator(cfg.seed, step, rank, micro)
+    batch = data.sample(g, cfg.train.batch_size)
+    x0, x1 = batch[:2]
+    labels = None
+    if cfg.loss.supervised:
+        if len(batch) < 3:
+            raise ConfigError(
+                f"loss.supervised: data.name={cfg.data.name!r} returns no class labels "
+                "(its sample() gives two views only)"
+            )
+        labels = batch[2]
+    if cfg.loss.num_negatives:
+        negatives = data.sample(g, cfg.loss.num_negatives)[1]
+        x1 = torch.cat([x1, negatives])
+    return x0, x1, labels

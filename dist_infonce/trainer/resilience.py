@@ -1,6 +1,6 @@
 """Cluster resilience: preemption -> agreed checkpoint -> requeue; the non-finite policy.
 
-The trainer calls three things from here, once per optimizer step:
+The trainer calls two things from here, once per optimizer step:
 
 - :class:`StepGuard` ``.check(loss, parameters, step)`` after backward and before
   ``optimizer.step()``: one all-reduce (MAX) of a 3-element tensor carries both
@@ -11,7 +11,10 @@ The trainer calls three things from here, once per optimizer step:
 - ``.after_step(step)`` at the step boundary: when a signal was agreed, rank 0
   writes one checkpoint, requeues the Slurm job (requeue signal inside Slurm),
   and every rank raises :class:`Preempted`.
-- :func:`inject_fault`, a hook for the fault tests (``DIST_INFONCE_TEST_FAULT``).
+
+:func:`install_fault_hook`, called once at setup, gives the fault tests their faults
+(``DIST_INFONCE_TEST_FAULT``) through a forward hook on the model; without the
+variable it installs nothing, so the training loop holds no test code.
 
 Signal handlers only set a flag: checkpointing or a collective inside a handler
 can deadlock (the signal may interrupt a collective or the allocator). A signal
@@ -19,8 +22,9 @@ that arrives twice (Slurm and torchrun's agent both forward it) or on only some
 ranks gives the same result, because the ranks agree at the next step boundary.
 
 Exit codes of ``python -m dist_infonce.train`` (see :data:`EXIT_PREEMPTED`,
-:data:`EXIT_NONFINITE`, :data:`EXIT_CHECKPOINT_FAILED`): 0 finished; 2 a user
-error in the config; 75 stopped on a signal after writing a checkpoint (re-run
+:data:`EXIT_NONFINITE`, :data:`EXIT_CHECKPOINT_FAILED`): 0 finished; 1 an
+unexpected error, or a peer that died or went silent (a one-line message says
+which rank saw it); 2 a user error in the config; 75 stopped on a signal after writing a checkpoint (re-run
 the same command, or let the requeued Slurm job, continue it); 3 stopped on a
 non-finite loss/gradient (``on_nonfinite=stop``); 4 a checkpoint could not be
 written (the previous one is intact).
@@ -43,6 +47,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from dist_infonce.dist import get_rank, is_distributed
 
 __all__ = [
     "EXIT_CHECKPOINT_FAILED",
@@ -58,6 +66,7 @@ __all__ = [
     "collective_failure_message",
     "disk_space_problem",
     "inject_fault",
+    "install_fault_hook",
     "make_guard",
     "parse_signal",
     "requeue_slurm_job",
@@ -178,7 +187,7 @@ def agree_max(values: Sequence[float], device: torch.device | str = "cpu") -> li
     At world size 1, or without an initialised process group, ``values`` itself.
     """
     t = torch.tensor(list(values), dtype=torch.float32, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
@@ -238,7 +247,7 @@ class StepGuard:
                 the checkpoint of ``step - 1`` (the last good state) is written first.
         """
         bad_loss, bad_grad = _local_nonfinite(loss, parameters, self.check_grads)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = get_rank()
         # Rank + 1 where bad, 0 elsewhere: the MAX names the (highest) bad rank.
         values = torch.stack(
             [
@@ -283,13 +292,13 @@ class StepGuard:
             self.save(step)
             self.last_saved = step
         env = os.environ if self.env is None else self.env
-        is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        is_main = get_rank() == 0
         note = "re-run the same command to resume"
         if self._signal == _REQUEUE and env.get("SLURM_JOB_ID"):
             note = requeue_slurm_job(env["SLURM_JOB_ID"]) if is_main else "rank 0 requeues the job"
             # Nobody exits before the requeue is issued: an early exit would make
             # srun --kill-on-bad-exit end the job before rank 0 requeues it.
-            if dist.is_available() and dist.is_initialized():
+            if is_distributed():
                 dist.barrier()
         got = ",".join(dict.fromkeys(self.flag.names)) or "a signal on another rank"
         raise Preempted(f"{got}: stopped after step {step}, checkpoint written; {note}", step)
@@ -368,7 +377,7 @@ def collective_failure_message(error: BaseException, timeout_s: float) -> str:
         isinstance(error, dist_error) or any("torch/distributed" in f.filename for f in frames)
     ):
         return ""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = get_rank()
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     kind = (
         "timed out" if "timed out" in first.lower() or "timeout" in first.lower() else "lost a peer"
@@ -400,7 +409,9 @@ def _faults(spec: str) -> tuple[tuple[str, int, int | None], ...]:
     return tuple(out)
 
 
-def inject_fault(loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
+def inject_fault(
+    loss: torch.Tensor, *, step: int, rank: int, spec: str | None = None
+) -> torch.Tensor:
     """FOR TESTS ONLY: the fault ``DIST_INFONCE_TEST_FAULT`` asks for at ``step`` on ``rank``.
 
     Items (comma-separated): ``nan@STEP[:RANK]`` turns this rank's loss (and so its
@@ -411,8 +422,9 @@ def inject_fault(loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
     only in a first attempt (``TORCHELASTIC_RESTART_COUNT`` and
     ``SLURM_RESTART_COUNT`` unset or 0), so a restarted group runs through. No
     RANK means every rank. Unset (always, outside the tests): returns ``loss``.
+    ``spec`` replaces the variable's value when given.
     """
-    spec = os.environ.get(FAULT_ENV)
+    spec = os.environ.get(FAULT_ENV) if spec is None else spec
     if not spec:
         return loss
     for kind, at, only in _faults(spec):
@@ -432,10 +444,33 @@ def inject_fault(loss: torch.Tensor, *, step: int, rank: int) -> torch.Tensor:
     return loss
 
 
+def install_fault_hook(
+    module: nn.Module, *, step: Callable[[], int], rank: int, env: Mapping[str, str] | None = None
+) -> RemovableHandle | None:
+    """FOR TESTS ONLY: the faults of ``DIST_INFONCE_TEST_FAULT`` as a forward hook on ``module``.
+
+    The hook passes the module's output (the loss) through :func:`inject_fault` at
+    the 1-based optimizer step ``step()`` returns. Unset variable (always, outside
+    the tests): nothing is installed and None is returned.
+
+    Raises:
+        ValueError: the variable is set but malformed (found here, at setup).
+    """
+    spec = (os.environ if env is None else env).get(FAULT_ENV)
+    if not spec:
+        return None
+    _faults(spec)  # a typo in a test's fault spec fails before training, not at its step
+
+    def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        return inject_fault(output, step=step(), rank=rank, spec=spec)
+
+    return module.register_forward_hook(hook)
+
+
 def make_guard(
     cfg: Any, *, save: Callable[[int], None], device: torch.device | str, check_grads: bool
 ) -> StepGuard:
-    """The trainer's :class:`StepGuard` for ``cfg`` (a :class:`~dist_infonce.config.Config`),
+    """The trainer's :class:`StepGuard` for ``cfg`` (a :class:`~dist_infonce.trainer.config.Config`),
     with its signal handlers installed (``dist.requeue_signal``, ``dist.stop_signals``).
     """
     requeue = cfg.dist.requeue_signal

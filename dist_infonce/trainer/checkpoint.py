@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "checkpoint_path",
     "get_rng_state",
     "list_checkpoints",
     "load_latest",

@@ -1,14 +1,19 @@
-"""The trainer's configuration: typed dataclasses, YAML files and dotted overrides.
+"""The trainer's configuration: typed dataclasses (the schema), YAML files, ``key=value`` overrides.
 
 Resolution order (dinov2 style): the defaults below (the *embedded default*: SimCLR
 on scikit-learn's digits) -> the YAML file given with ``--config`` -> ``key=value``
-overrides on the command line, applied in order. Every field carries a docstring;
+overrides, applied in order. Every field carries a docstring;
 ``python -m dist_infonce.train --help`` lists them.
 
-Values in YAML and in overrides are parsed as YAML scalars (``0.1``, ``true``,
-``null``, ``[a, b]``) and then checked against the field's type; an unknown key or
-a value of the wrong type raises :class:`ConfigError`, which names the key and the
-nearest valid one.
+OmegaConf structured configs (built from the dataclasses below) parse the YAML and
+the override values, merge them and check and convert every value against its
+field's type (``int``, ``float``, ``bool``, ``Literal``, ``X | None``, ``list[str]``,
+``dict[str, Any]``); :func:`load_config` returns the plain dataclasses. What this
+module adds on top, because OmegaConf does not do it: the aliases, an unknown key
+named with the nearest valid one (aliases included), messages that name the key
+and the expected type, string fields kept verbatim from the command line
+(``wandb.name=007`` stays ``"007"``; YAML would read 7), ``tags=a,b`` as a list,
+and :func:`validate` (ranges and cross-field rules).
 
 The seed fields of the tutorial's config are accepted as top-level aliases
 (:data:`ALIASES`): ``batch_size`` -> ``train.batch_size``, ``learning_rate`` ->
@@ -21,6 +26,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 import itertools
@@ -34,6 +40,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "ALIASES",
@@ -54,6 +62,7 @@ __all__ = [
     "load_config",
     "to_dict",
     "to_yaml",
+    "validate",
 ]
 
 
@@ -103,7 +112,7 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """The contrastive loss (dist_infonce.losses)."""
+    """The contrastive loss (dist_infonce.InfoNCE, dist_infonce.NTXent)."""
 
     kind: Literal["nt_xent", "info_nce", "clip"] = "nt_xent"
     """nt_xent (SimCLR, 2N views) | info_nce (view 0 queries view 1) | clip (symmetric InfoNCE)."""
@@ -112,7 +121,13 @@ class LossConfig:
     learn_temperature: bool = False
     """Learn the temperature as CLIP's log-parametrised logit scale (clamped at 1/100)."""
     chunk_size: int | None = None
-    """Tile edge of the chunked kernel; null lets the loss choose (dense when small)."""
+    """Tile edge of the tiled kernels (chunked, triton); null lets the loss choose."""
+    kernel: Literal["auto", "dense", "chunked", "triton"] = "auto"
+    """auto (dense when small, chunked otherwise) | dense (the N x M logits at once) |
+    chunked (pure torch tiles, memory linear in N + M) | triton (the fused kernel; CUDA)."""
+    normalize: bool = True
+    """L2-normalise the embeddings inside the loss (cosine similarity); false compares
+    them as the model gives them (dot product)."""
     gather: bool = True
     """Pool the negatives of all ranks (the global batch); false uses local negatives only."""
     num_negatives: int = 0
@@ -125,7 +140,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """The training data (dist_infonce.data)."""
+    """The training data (dist_infonce.trainer.data)."""
 
     name: str = "digits"
     """digits | synthetic_pairs | a user data set ``module:callable`` (see data.py)."""
@@ -149,7 +164,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The encoder(s) and projection head(s) (dist_infonce.models)."""
+    """The encoder(s) and projection head(s) (dist_infonce.trainer.models)."""
 
     name: str = "digits_cnn"
     """digits_cnn | mlp | two_tower | a user encoder ``module:callable`` (see models.py)."""
@@ -328,106 +343,27 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML text; loading it gives back the same config."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    """The resolved config as YAML text (config.yaml); loading it gives back the same config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-# ------------------------------------------------------------------------ type checks
+# ------------------------------------------------------------------------- key names
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
+@functools.cache
+def _leaf_types() -> dict[str, Any]:
+    """The type of every leaf field, by dotted key."""
+    return dict(_walk(Config))
 
 
-def _coerce(key: str, value: Any, tp: Any, raw: str | None) -> Any:
-    """Check ``value`` against the field type ``tp``; return the converted value.
-
-    ``raw`` is the override's text before YAML parsing: a string field keeps it
-    verbatim (``wandb.name=007`` stays ``"007"``).
-
-    Raises:
-        ConfigError: the value does not fit the type.
-    """
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            near = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(
-                f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{near}"
-            )
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-            raise bad
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg, raw)
-            except ConfigError:
-                continue
-        raise bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, str):
-            # PyYAML (YAML 1.1) reads 1e-3 as a string; it is a float to a user.
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: must be finite, got {value!r}")
-        return float(value)
-    if tp is str:
-        if raw is not None:
-            return raw
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            # tags=a,b is friendlier than tags=[a,b] on a shell command line.
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(f"{key}[{i}]", v, item, None) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    raise TypeError(f"config field {key} has an unsupported type {tp!r}")  # a bug, not user error
+@functools.cache
+def _sections() -> frozenset[str]:
+    """Every dotted key that names a section (a nested dataclass), not a value."""
+    return frozenset(k.rsplit(".", i)[0] for k in all_keys() for i in range(1, k.count(".") + 1))
 
 
-# ---------------------------------------------------------------------------- setting
+def _is_mapping_field(tp: Any) -> bool:
+    return typing.get_origin(tp) is dict
 
 
 def _suggest(key: str, choices: Sequence[str]) -> str:
@@ -445,63 +381,165 @@ def _suggest(key: str, choices: Sequence[str]) -> str:
     return f" (did you mean {hit[0]!r}?)" if hit else ""
 
 
-def _set(cfg: Config, key: str, value: Any, raw: str | None, source: str) -> None:
-    """Set the dotted ``key`` of ``cfg``, resolving aliases and checking the type."""
-    key = key.strip()
-    key = ALIASES.get(key, key)
+def _resolve_key(key: str, source: str) -> tuple[str, str]:
+    """``(full key, what it is)``: an alias resolved, and ``"leaf"``, ``"section"`` or
+    ``"free"`` (below a dict field such as ``data.kwargs``, where any key goes).
+
+    Raises:
+        ConfigError: an unknown key, with the nearest valid one.
+    """
+    key = ALIASES.get(key.strip(), key.strip())
+    if key in _leaf_types():
+        return key, "leaf"
+    if key in _sections():
+        return key, "section"
     parts = key.split(".")
-    obj: Any = cfg
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(obj):
-            # Below a dict field (data.kwargs.foo=1): free-form keys.
-            if isinstance(obj, dict):
-                sub = obj
-                for p in parts[i:-1]:
-                    sub = sub.setdefault(p, {})
-                    if not isinstance(sub, dict):
-                        raise ConfigError(f"{source}: {key}: {p} is not a mapping")
-                sub[parts[-1]] = value
-                return
-            break
-        names = {f.name for f in dataclasses.fields(obj)}
-        if part not in names:
-            valid = all_keys() + list(ALIASES)
-            raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, valid)}")
-        tp = _hints(type(obj))[part]
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
-                if isinstance(value, Mapping):
-                    _apply_mapping(cfg, value, source, prefix=f"{key}.")
-                    return
-                sub_keys = [k for k in all_keys() if k.startswith(key + ".")]
-                raise ConfigError(
-                    f"{source}: {key} is a section; set one of its keys, e.g. {sub_keys[0]}"
-                )
-            setattr(obj, part, _coerce(key, value, tp, raw))
-            return
-        obj = getattr(obj, part)
-    raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, all_keys())}")
+    for i in range(1, len(parts)):
+        if _is_mapping_field(_leaf_types().get(".".join(parts[:i]))):
+            return key, "free"
+    raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, all_keys() + list(ALIASES))}")
 
 
-def _apply_mapping(cfg: Config, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    """``"a.b.c", v`` -> ``{"a": {"b": {"c": v}}}``."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _normalise(data: Mapping[Any, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """A YAML mapping as nested dicts of canonical keys from the root: aliases resolved,
+    dotted keys (``train.lr: 0.1``) split, every key checked. Below a dict field
+    (``data.kwargs``) the mapping is kept as it is (free-form keys)."""
+    out: dict[str, Any] = {}
     for k, v in data.items():
         if not isinstance(k, str):
             raise ConfigError(f"{source}: keys must be strings, got {k!r}")
-        full = f"{prefix}{k}"
-        # A nested mapping addresses a section (train: {lr: ...}); a dict-typed field
-        # (data.kwargs) takes the mapping whole.
-        _set(cfg, full, v, None, source)
+        full, kind = _resolve_key(prefix + k, source)
+        if kind == "section":
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{source}: {_section_message(full)}")
+            _merge_dicts(out, _normalise(v, source, prefix=f"{full}."))
+        else:
+            _merge_dicts(out, _nested(full, v))
+    return out
 
 
-def _parse_override(text: str) -> tuple[str, Any, str]:
+def _merge_dicts(a: dict[str, Any], b: Mapping[str, Any]) -> None:
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(a.get(k), dict):
+            _merge_dicts(a[k], v)
+        else:
+            a[k] = v
+
+
+def _section_message(key: str) -> str:
+    example = next(k for k in all_keys() if k.startswith(key + "."))
+    return f"{key} is a section; set one of its keys, e.g. {example}"
+
+
+# -------------------------------------------------------------------------- merging
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _non_null(tp: Any) -> tuple[Any, bool]:
+    """``(X, optional)`` for ``X | None``; ``(tp, False)`` otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _bad_value(key: str, value: Any) -> ConfigError:
+    """The message for a value OmegaConf refused: the key, what it takes, a suggestion."""
+    tp = _leaf_types().get(key)
+    if tp is None:
+        return ConfigError(f"{key}: invalid value {value!r}")
+    inner, _ = _non_null(tp)
+    if typing.get_origin(inner) is Literal:
+        choices = [str(c) for c in typing.get_args(inner)]
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        near = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{near}")
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _merge(base: DictConfig, update: DictConfig) -> DictConfig:
+    """OmegaConf's merge (it converts and checks each value against the schema).
+
+    Raises:
+        ConfigError: a value that does not fit its field, naming the key.
+    """
+    try:
+        return typing.cast(DictConfig, OmegaConf.merge(base, update))
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "")
+        value = OmegaConf.select(update, key, default=None) if key else None
+        raise _bad_value(key, value) from None
+
+
+def _override(text: str) -> DictConfig:
+    """One ``key=value`` override as a config to merge.
+
+    The value is parsed by OmegaConf (YAML scalars and lists: ``0.1``, ``true``,
+    ``null``, ``[a, b]``), except for a string field, which takes the text as it is
+    (``null`` / ``none`` for an optional one), and a list field given without
+    brackets (``tags=a,b``: friendlier on a shell command line than ``tags=[a,b]``).
+
+    Raises:
+        ConfigError: not ``key=value``, or an unknown key or a section.
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key=value")
+    key, kind = _resolve_key(key, "override")
+    if kind == "section":
+        raise ConfigError(f"override: {_section_message(key)}")
+    inner, optional = _non_null(_leaf_types().get(key))
+    if inner is str:
+        null = optional and raw.strip().lower() in ("null", "none", "~")
+        return OmegaConf.create(_nested(key, None if null else raw))
+    if typing.get_origin(inner) is list and not raw.strip().startswith("["):
+        return OmegaConf.create(_nested(key, [v.strip() for v in raw.split(",") if v.strip()]))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # not YAML: a plain string (a path, a name)
-    return key.strip(), value, raw
+        return OmegaConf.from_dotlist([f"{key}={raw}"])
+    except (yaml.YAMLError, OmegaConfBaseException):
+        # Not YAML (`[unclosed`): the text itself; the merge then says what the key takes.
+        return OmegaConf.create(_nested(key, raw))
+
+
+def _read_file(path: str | Path) -> DictConfig:
+    """A YAML config file as a config to merge (aliases and dotted keys resolved).
+
+    Raises:
+        ConfigError: a missing or unreadable file, invalid YAML, not a mapping, an
+            unknown key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {str(p)!r}")
+    try:
+        loaded = OmegaConf.load(p)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"--config {p}: cannot read it: {e.strerror}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"--config {p}: expected a mapping of keys, got a list")
+    data = OmegaConf.to_container(loaded, resolve=False)
+    return OmegaConf.create(_normalise(typing.cast(dict, data), str(p)))
 
 
 # ------------------------------------------------------------------------- validation
@@ -519,6 +557,10 @@ def validate(cfg: Config) -> None:
         ConfigError: naming the offending key.
     """
     t, lo = cfg.train, cfg.loss
+    for key, tp in _leaf_types().items():
+        if _non_null(tp)[0] is float:
+            value = _get(cfg, key)
+            _check(value is None or math.isfinite(value), key, f"must be finite, got {value!r}")
     _check(bool(cfg.output_dir.strip()), "output_dir", "must not be empty")
     _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
@@ -549,6 +591,18 @@ def validate(cfg: Config) -> None:
         lo.chunk_size is None or lo.chunk_size > 0,
         "loss.chunk_size",
         f"must be > 0 or null, got {lo.chunk_size}",
+    )
+    _check(
+        lo.kernel != "dense" or lo.chunk_size is None,
+        "loss.chunk_size",
+        f"is the tile edge of the tiled kernels; loss.kernel=dense takes none (set it to null), got {lo.chunk_size}",
+    )
+    _check(
+        lo.kernel != "triton"
+        or lo.chunk_size is None
+        or (lo.chunk_size >= 16 and lo.chunk_size & (lo.chunk_size - 1) == 0),
+        "loss.chunk_size",
+        f"must be a power of two >= 16 with loss.kernel=triton (Triton tiles), got {lo.chunk_size}",
     )
     _check(lo.num_negatives >= 0, "loss.num_negatives", f"must be >= 0, got {lo.num_negatives}")
     _check(
@@ -582,6 +636,13 @@ def validate(cfg: Config) -> None:
     for key, name in (("data.name", cfg.data.name), ("model.name", cfg.model.name)):
         if ":" in name:
             _check_import_path(key, name)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _is_signal(name: str) -> bool:
@@ -629,37 +690,30 @@ def import_object(path: str, key: str) -> Callable[..., Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults -> YAML file -> ``key=value`` overrides, then validation.
+    """Defaults -> YAML file -> ``key=value`` overrides, then :func:`validate`.
 
     Args:
-        path: YAML file (a mapping, possibly nested by section, aliases allowed), or None.
-        overrides: ``dotted.key=value`` strings, applied in order.
+        path: YAML file (a mapping, possibly nested by section, dotted keys and
+            aliases allowed), or None.
+        overrides: ``dotted.key=value`` strings, applied in order (the last wins).
 
     Returns:
-        The resolved :class:`Config`.
+        The resolved :class:`Config` (plain dataclasses, no OmegaConf objects).
 
     Raises:
         ConfigError: missing/invalid file, unknown key, or bad value.
     """
-    cfg = Config()
+    merged = OmegaConf.structured(Config)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file {str(p)!r}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(
-                f"--config {p}: expected a mapping of keys, got {type(data).__name__}"
-            )
-        _apply_mapping(cfg, data, str(p))
+        merged = _merge(merged, _read_file(path))
     for text in overrides:
-        key, value, raw = _parse_override(text)
-        _set(cfg, key, value, raw, "override")
+        merged = _merge(merged, _override(text))
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # an interpolation (${...}) that does not resolve
+        key = str(getattr(e, "full_key", "") or "")
+        raise ConfigError(f"{key or 'config'}: {str(e).splitlines()[0]}") from None
+    assert isinstance(cfg, Config)
     validate(cfg)
     return cfg
 

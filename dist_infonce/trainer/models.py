@@ -6,22 +6,22 @@ features the evaluation uses (SimCLR: the encoder output, before the projection
 head, as in SimCLR's linear evaluation; two towers: the joint embedding space that
 cross-modal retrieval needs).
 
-A user encoder is any ``module:callable`` taking ``(cfg: ModelConfig,
-input_shapes)`` (plus ``cfg.kwargs``). If it returns a :class:`PairModel`, that is
-used as is; any other ``nn.Module`` is treated as one encoder shared by both views
-and wrapped in :class:`SiameseModel` (with no extra head).
+A user encoder is any ``module:callable`` (``model.name``); the trainer calls it as
+``callable(cfg, input_shapes, **cfg.kwargs)``, ``cfg`` being the ``model`` section and
+``input_shapes`` the data's per-sample shapes of view 0 and view 1. If it returns a
+:class:`PairModel`, that is used as is; any other ``nn.Module`` is treated as one
+encoder shared by both views and wrapped in :class:`SiameseModel` (with no extra head).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from dist_infonce.config import ModelConfig
+from dist_infonce.trainer.config import ConfigError, ModelConfig, import_object
+from dist_infonce.trainer.data import check_call
 
 __all__ = ["DigitsCNN", "PairModel", "SiameseModel", "TwoTowerModel", "build_model", "mlp"]
 
@@ -155,8 +155,9 @@ def build_model(
         input_shapes: per-sample shapes of view 0 and view 1 (from the data).
 
     Raises:
-        ValueError: ``mlp`` with views of different sizes, or a user callable that
-            does not return an ``nn.Module``.
+        ConfigError: ``mlp`` with views of different sizes; a user callable that
+            cannot be imported, does not take ``(cfg, input_shapes, **model.kwargs)``
+            or does not return an ``nn.Module``.
     """
     d_in = [math.prod(s) for s in input_shapes]
     proj = lambda: mlp(cfg.feature_dim, cfg.hidden_dim, cfg.embedding_dim)
@@ -164,7 +165,7 @@ def build_model(
         return SiameseModel(DigitsCNN(cfg.feature_dim, cfg.width), proj())
     if cfg.name == "mlp":
         if d_in[0] != d_in[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"model.name=mlp shares one encoder, but the views have {d_in[0]} and "
                 f"{d_in[1]} elements; use model.name=two_tower"
             )
@@ -176,9 +177,9 @@ def build_model(
             for d in d_in
         ]
         return TwoTowerModel(towers[0], proj(), towers[1], proj())
-    from dist_infonce.config import ConfigError, import_object
-
-    model = import_object(cfg.name, "model.name")(cfg, input_shapes, **cfg.kwargs)
+    make = import_object(cfg.name, "model.name")
+    check_call(make, "model.name", "model.kwargs", (cfg, input_shapes), cfg.kwargs)
+    model = make(cfg, input_shapes, **cfg.kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.name={cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module"
