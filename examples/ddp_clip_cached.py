@@ -67,8 +67,8 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial weights on every rank
     data = SyntheticPairs(DataConfig(name="synthetic_pairs"))
     model = DistributedDataParallel(TwoTower().to(device))
-    # The loss module stays outside DDP: cached_backward averages its temperature's
-    # gradient over the ranks, as DDP does for the model's.
+    # The loss module stays outside DDP: it averages its learnable temperature's
+    # gradient over the ranks itself, as DDP does for the model's.
     loss_fn = InfoNCE(0.07, symmetric=True, gather=True, learn_temperature=True).to(device)
     optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=args.lr)
 

@@ -96,34 +96,27 @@ class TrainerStep:
 
 
 def _trainer_step(overrides: Sequence[str], micro: int | None) -> TrainerStep:
-    """The trainer's step for ``overrides`` on this rank (the process group is up).
-
-    Every trainer internal the benchmark uses is imported here and only here, under
-    its current name, so that the step can follow the trainer's API in one place.
-    """
+    """The trainer's step for ``overrides`` on this rank (the process group is up),
+    built from the trainer's public pieces (:mod:`dist_infonce.trainer`)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from dist_infonce.cache import cached_backward
-    from dist_infonce.config import load_config, to_dict
-    from dist_infonce.data import build_data
-    from dist_infonce.models import build_model
-    from dist_infonce.train import Learner, _sample, build_loss
+    from dist_infonce.trainer import build_data, build_learner, load_config, sample_batch
+    from dist_infonce.trainer.config import to_dict
 
     cfg = load_config(None, list(overrides))
     torch.manual_seed(0)
     data = build_data(cfg.data)
-    learner = Learner(
-        build_model(cfg.model, data.input_shapes), build_loss(cfg.loss), cfg.loss.kind
-    )
+    learner = build_learner(cfg, data)
     # Uncached: the trainer's DDP over model and loss; cached: DDP over the encoders,
-    # and cached_backward averages the loss module's gradient itself.
+    # beside which the loss module averages its learnable temperature's gradient itself.
     model = DistributedDataParallel(learner if micro is None else learner.model)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-3)
     rank = dist.get_rank()
 
     def sample(rows: int) -> Any:
         cfg.train.batch_size = rows
-        return _sample(data, cfg, step=0, rank=rank, micro=0)[:2]
+        return sample_batch(data, cfg, step=0, rank=rank, micro=0)[:2]
 
     def run(batch: Any) -> None:
         if micro is None:

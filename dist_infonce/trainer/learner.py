@@ -94,7 +94,7 @@ class Learner(nn.Module):
         time (:func:`dist_infonce.cached_backward`); returns the detached loss.
 
         ``model`` is ``self.model`` as prepared (DDP under several processes); the loss
-        module stays outside DDP, and cached_backward averages its gradient. Explicit
+        module stays outside DDP and averages its learnable temperature's gradient itself. Explicit
         negatives (the rows of ``x1`` past ``len(x0)``) are a second tower through
         :meth:`PairModel.encode`, under the same autocast as the prepared forward.
         """

@@ -197,7 +197,7 @@ class Trainer:
             self.encoder = self.learner
         else:
             # Gradient caching: DDP wraps the encoders only; the loss module runs once per
-            # step outside it (cached_backward averages a learnable temperature's gradient).
+            # step outside it (beside DDP it averages its learnable temperature's gradient itself).
             learner.to(self.device)
             self.encoder, self.optimizer = self.accelerator.prepare(learner.model, optimizer)
             self.learner = learner
