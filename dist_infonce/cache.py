@@ -225,36 +225,53 @@ def _buffer_slots(towers: Sequence[_Tower]) -> list[tuple[nn.Module, str, torch.
 class _PassOneBuffers:
     """Undoes, after pass 1, what pass 1 did to the buffers of the towers pass 2 re-runs.
 
-    Pass 2 then updates running statistics once per micro-batch and sees, micro-batch by
-    micro-batch, the buffers pass 1 saw. A forward that reassigns a buffer
-    (``self.center = ...``) rather than updating it in place gets its original tensor
-    back too (DDP broadcasts that one).
+    Every buffer of a re-run tower is saved before any forward of pass 1 (a plain
+    callable's module is invisible, but when it shares a DDP tower's module, saving up
+    front covers both). Pass 2 then updates running statistics once per micro-batch and
+    sees, micro-batch by micro-batch, the buffers pass 1 saw. A forward that reassigns a
+    buffer (``self.center = ...``) rather than updating it in place gets its original
+    tensor back too (DDP broadcasts that one).
 
-    A frozen tower is not re-run: its pass-1 forward is its only forward, so its buffer
-    updates (BatchNorm's running statistics in train mode) stay, as plain autograd
-    leaves them. A buffer shared with a re-run tower is saved when the first re-run
-    tower reaches it, so the updates of frozen towers run before that one stay too; a
-    frozen tower that would update a buffer after a re-run tower has is refused (pass 2
-    would apply the two updates out of order).
+    A frozen tower is not re-run: its pass-1 forward is its only forward, so the updates
+    it makes to buffers of its own (BatchNorm's running statistics in train mode) stay,
+    as plain autograd leaves them. One that changes a buffer it shares with a re-run
+    tower is refused: the restore would undo its update.
     """
 
-    def __init__(self) -> None:
-        self._saved: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, towers: Sequence[_Tower]) -> None:
+        self._saved = {
+            (id(mod), name): (mod, name, b, b.detach().clone())
+            for mod, name, b in _buffer_slots([t for t in towers if t.trainable])
+        }
+        self._shared: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
 
     def before(self, tower: _Tower) -> None:
-        """Call before ``tower``'s pass 1."""
-        slots = _buffer_slots([tower])
-        if tower.trainable:
-            for mod, name, b in slots:
-                self._saved.setdefault((id(mod), name), (mod, name, b, b.detach().clone()))
-            return
-        shared = [name for mod, name, _ in slots if (id(mod), name) in self._saved]
-        if shared:
+        """Call before ``tower``'s pass 1: a frozen tower's shared buffers are watched."""
+        self._shared = []
+        if not tower.trainable:
+            self._shared = [
+                (mod, name, b, b.detach().clone())
+                for mod, name, b in _buffer_slots([tower])
+                if (id(mod), name) in self._saved
+            ]
+
+    def after(self, tower: _Tower) -> None:
+        """Call after ``tower``'s pass 1.
+
+        Raises:
+            ValueError: a frozen tower changed a buffer it shares with a re-run tower.
+        """
+        changed = [
+            name
+            for mod, name, b, value in self._shared
+            if mod._buffers.get(name) is not b or not torch.equal(b, value)
+        ]
+        if changed:
             raise ValueError(
-                f"model (for {tower.name}) is frozen (not re-run in pass 2) but shares "
-                f"buffers {shared[:3]} with a tower before it that is re-run; pass 2 would "
-                "update them after this tower's forward, out of order. Put the frozen tower "
-                "first or give it buffers of its own"
+                f"model (for {tower.name}) is frozen (not re-run in pass 2) but updates "
+                f"buffers {changed[:3]} it shares with a tower that is re-run; restoring "
+                "them for pass 2 would drop its update. Give the frozen tower buffers of "
+                "its own, or put it in eval mode"
             )
 
     def restore(self) -> None:
@@ -390,8 +407,7 @@ def _self_averaging(loss_fn: object) -> list[nn.Module]:
     return [
         m
         for m in loss_fn.modules()
-        if getattr(m, "averages_own_gradients", False)
-        and any(p.requires_grad for p in m.parameters())
+        if getattr(m, "averages_own_gradients", False) and m.self_averaged_parameters()
     ]
 
 
@@ -401,7 +417,7 @@ def _loss_params(loss_fn: object) -> list[nn.Parameter]:
     loss_fn = _loss_module(loss_fn)
     if not isinstance(loss_fn, nn.Module) or isinstance(loss_fn, DistributedDataParallel):
         return []
-    own = {id(p) for m in _self_averaging(loss_fn) for p in m.parameters()}
+    own = {id(p) for m in _self_averaging(loss_fn) for p in m.self_averaged_parameters()}
     return [p for p in loss_fn.parameters() if p.requires_grad and id(p) not in own]
 
 
@@ -545,7 +561,7 @@ def cached_backward(
         _broadcast_buffers(ddp)
 
     # Pass 1: outputs without grad, generator states saved per micro-batch.
-    buffers = _PassOneBuffers()
+    buffers = _PassOneBuffers(towers)
     try:
         with torch.no_grad():
             for i in order:
@@ -557,6 +573,7 @@ def cached_backward(
                 for chunk in zip(*(x.split(micro) for x in t.inputs), strict=True):
                     t.rng.append(_get_rng(devices))
                     t.outputs.append(_as_tuple(fn(*chunk), t))
+                buffers.after(t)
     finally:  # also when a forward raised: the model stays as the caller gave it
         buffers.restore()
 

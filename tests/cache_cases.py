@@ -167,6 +167,21 @@ def shared_ddp_case(sizes: list[int], micro: int, seed: int) -> dict[str, Any]:
     }
 
 
+def closure_tower_case(sizes: list[int], micro: int, seed: int) -> dict[str, torch.Tensor]:
+    """The trainer's explicit negatives: a plain callable over the DDP model's own module
+    (its BatchNorm buffers invisible to cached_backward) beside the DDP tower. Pass 1 must
+    leave those shared buffers as it found them, so each micro-batch updates them once."""
+    rank = dist.get_rank()
+    model = make_model(seed, "batch", 0.0, False)
+    ddp = DistributedDataParallel(model)
+    x0, x1 = global_batch(seed, sizes)
+    x0, x1 = local_slice(x0, sizes, rank), local_slice(x1, sizes, rank)
+    negatives = x0.flip(0) + 0.5  # any rows through tower a
+    loss_fn = InfoNCE(0.3, gather=True)
+    cached_backward([ddp, lambda x: model.a(x)], loss_fn, [(x0, x1), negatives], micro)
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
 def bad_input_on_one_rank_case() -> str:
     """Rank 1 passes inputs with different first dimensions: every rank raises."""
     rank = dist.get_rank()

@@ -68,6 +68,10 @@ def make(loss_kind: str, gather: bool, seed: int) -> tuple[Encoder, nn.Module]:
     encoder = Encoder(shared=loss_kind == "ntxent").double()
     if loss_kind == "ntxent":
         loss: nn.Module = NTXent(TEMPERATURE, gather=gather, learn_temperature=True)
+    elif loss_kind == "param":
+        # A user's nn.Parameter as the fixed temperature: registered, so the module's own.
+        t = nn.Parameter(torch.tensor(TEMPERATURE, dtype=torch.float64))
+        loss = InfoNCE(t, symmetric=True, gather=gather)
     else:
         loss = InfoNCE(
             TEMPERATURE, symmetric=loss_kind in ("clip", "weighted"), gather=gather,

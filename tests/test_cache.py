@@ -201,16 +201,34 @@ def test_frozen_tower_batchnorm_updated_once_per_micro_batch() -> None:
     assert int(tower_b.net[1].num_batches_tracked) == 3  # ceil(10 / 4), as plain autograd
 
 
-def test_frozen_tower_sharing_buffers_after_a_rerun_tower_is_refused() -> None:
+def test_frozen_tower_updating_shared_buffers_is_refused() -> None:
     torch.manual_seed(0)
     bn = nn.BatchNorm1d(4, affine=False).double()  # buffers only: shared, no parameters
     trained = nn.Sequential(nn.Linear(5, 4), bn).double()
     frozen = nn.Sequential(nn.Linear(5, 4), bn).double().requires_grad_(False)
     before = bn.running_mean.clone()
     x = data(6)[0]
-    with pytest.raises(ValueError, match=r"inputs\[1\]\) is frozen .* shares buffers"):
+    with pytest.raises(ValueError, match=r"inputs\[1\]\) is frozen .* updates buffers"):
         cached_backward((trained, frozen), lambda a, b: a.sum() + b.sum(), (x, x), 4)
     assert torch.equal(bn.running_mean, before)  # pass 1 undone before raising
+    # Frozen before the re-run tower: the same refusal (the restore would drop its update).
+    with pytest.raises(ValueError, match=r"inputs\[0\]\) is frozen .* updates buffers"):
+        cached_backward((frozen, trained), lambda a, b: a.sum() + b.sum(), (x, x), 4)
+    # A shared buffer the frozen tower leaves alone (eval mode) is fine.
+    frozen_eval = nn.Sequential(frozen[0], _Eval(bn)).requires_grad_(False)
+    cached_backward((trained, frozen_eval), lambda a, b: a.sum() + b.sum(), (x, x), 4)
+    assert int(bn.num_batches_tracked) == 2  # the re-run tower's two micro-batches only
+
+
+class _Eval(nn.Module):
+    """Runs a shared BatchNorm in eval mode: it reads the buffers, never updates them."""
+
+    def __init__(self, bn: nn.BatchNorm1d) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, self.bn.running_mean, self.bn.running_var)
 
 
 def test_towers_with_different_row_counts() -> None:

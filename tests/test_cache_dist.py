@@ -140,6 +140,24 @@ def test_same_ddp_model_in_two_towers(worlds: Worlds) -> None:
             assert err < 1e-12, (rank, name)
 
 
+def test_closure_tower_sharing_the_ddp_model_updates_buffers_once(worlds: Worlds) -> None:
+    sizes, micro, seed = [6, 4], 2, 7  # even: BatchNorm refuses a 1-row micro-batch
+    res = worlds.run(2, cache_cases.closure_tower_case, sizes, micro, seed)
+    x0, x1 = cache_cases.global_batch(seed, sizes)
+    for rank, got in enumerate(res):
+        model = cache_cases.make_model(seed, "batch", 0.0, False)
+        l0, l1 = (cache_cases.local_slice(x, sizes, rank) for x in (x0, x1))
+        with torch.no_grad():  # the plain forwards, in cached_backward's tower order
+            for c in (l0.flip(0) + 0.5).split(micro):
+                model.a(c)
+            for c0, c1 in zip(l0.split(micro), l1.split(micro), strict=True):
+                model(c0, c1)
+        for name, b in model.named_buffers():
+            err = record_error("cache DDP: buffers vs one process (float64)", got[name], b)
+            assert err < 1e-12, (rank, name)
+        assert int(got["a.1.num_batches_tracked"]) == 2 * -(-len(l0) // micro)
+
+
 def test_bad_input_on_one_rank_raises_on_every_rank(worlds: Worlds) -> None:
     msgs = worlds.run(2, cache_cases.bad_input_on_one_rank_case)
     assert "all tensors must have the same first dimension" in msgs[1], msgs[1]

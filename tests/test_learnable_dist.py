@@ -42,7 +42,7 @@ def compare(family: str, res: list[dict], ref: dict, world_size: int, gather: bo
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("loss_kind", ["clip", "ntxent"])
+@pytest.mark.parametrize("loss_kind", ["clip", "ntxent", "param"])
 @pytest.mark.parametrize("pattern", ["beside", "inside", "cached"])
 def test_learnable_temperature_equals_one_process(
     worlds: Worlds, world_size: int, loss_kind: str, pattern: str

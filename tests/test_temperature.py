@@ -183,3 +183,24 @@ def test_a_parameter_assigned_as_temperature_gets_its_gradient() -> None:
     t_ref = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     info_nce_pkg.info_nce(*(x.detach() for x in xs), temperature=t_ref).backward()
     assert record_error("assigned Parameter temperature grad", t.grad, t_ref.grad) <= 1e-12
+
+
+def test_fixed_temperature_reads_back_as_given_and_a_plain_tensor_stays_the_users() -> None:
+    assert InfoNCE(0.1).temperature == 0.1 and isinstance(InfoNCE(0.1).temperature, float)
+    t = torch.tensor(0.2)
+    mod = InfoNCE(t).double()
+    assert mod.temperature is t and t.dtype == torch.float32  # not registered: left alone
+    assert list(mod.parameters()) == []
+
+
+def test_parameter_temperature_is_registered_and_reassignable() -> None:
+    t = nn.Parameter(torch.tensor(0.2))
+    mod = InfoNCE(t)
+    assert list(mod.parameters()) == [t]  # as info-nce-pytorch's module registers it
+    assert mod.self_averaged_parameters() == [t]
+    q, k = torch.randn(5, 4), torch.randn(5, 4)
+    mod(q, k).backward()
+    assert t.grad is not None and t.grad.shape == ()
+    mod.temperature = 0.3  # a schedule replaces the parameter by a number
+    assert mod.temperature == 0.3 and list(mod.parameters()) == []
+    assert mod.self_averaged_parameters() == []

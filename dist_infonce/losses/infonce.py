@@ -308,7 +308,10 @@ class InfoNCE(TemperatureModule):
             under :func:`~dist_infonce.cached_backward`) the module averages it over
             the ranks of ``group`` in its backward, so every rank keeps the same
             temperature and the gradient follows the convention of every other
-            parameter: no extra world-size factor.
+            parameter: no extra world-size factor. Outside DDP, with torch.distributed
+            initialised, every rank of ``group`` (the world by default, also with
+            ``gather=False``) must then run the backward; ranks that train on their
+            own pass a one-rank group.
 
     Shape:
         query: (N, D); positive_key: (N, D); negative_keys: None, (M, D) or (N, M, D).

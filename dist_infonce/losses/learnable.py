@@ -17,9 +17,9 @@ rank with 0 rows under ``gather=True``). Averaging is idempotent: where somethin
 averages as well (a torch without the DDP marker, DDP's python reducer), the result is
 the same, at the price of one redundant all-reduce.
 
-Protocol: a module class with ``averages_own_gradients = True`` does this for all of
-its parameters; :func:`dist_infonce.cached_backward` then leaves them alone (it
-averages the parameters of other loss modules itself).
+Protocol: a module class with ``averages_own_gradients = True`` names the parameters
+it averages this way in ``self_averaged_parameters()``; :func:`dist_infonce.cached_backward`
+leaves those alone and averages every other trainable parameter of a loss module itself.
 """
 
 from __future__ import annotations
@@ -132,6 +132,10 @@ class AveragesOwnGradients(nn.Module):
 
     #: The protocol flag :func:`dist_infonce.cached_backward` reads.
     averages_own_gradients: ClassVar[bool] = True
+
+    def self_averaged_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradient this module averages itself (see the module doc)."""
+        return []
 
     def rank_averaged(
         self, *params: torch.Tensor, device: torch.device | None = None

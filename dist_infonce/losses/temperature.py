@@ -73,9 +73,12 @@ def inverse_temperature(temperature: Any, like: torch.Tensor) -> torch.Tensor:
 class TemperatureModule(AveragesOwnGradients):
     """Base of :class:`~dist_infonce.InfoNCE` and :class:`~dist_infonce.NTXent`: the temperature.
 
-    Fixed (``learn_temperature=False``): the number or tensor given; a tensor the
-    user owns is re-checked at every call and receives its gradient (nothing here
-    averages it: it is the user's, e.g. a parameter of their DDP model).
+    Fixed (``learn_temperature=False``): the number or tensor given, re-checked at every
+    call; a tensor receives its gradient. A plain tensor stays the user's (not registered:
+    ``.to()`` / ``.double()`` of the module leave it alone; nothing here averages it, e.g.
+    it comes out of their DDP model). An ``nn.Parameter`` is registered, as
+    info-nce-pytorch's module registers it, and is then the module's own: averaged over
+    the ranks like the learnable temperature below.
 
     Learnable: the parameter ``logit_scale = log(1 / temperature)`` (a multiplicative
     parametrisation keeps the temperature positive and its steps scale-free), clamped
@@ -83,8 +86,10 @@ class TemperatureModule(AveragesOwnGradients):
     the ranks of ``group`` by the module itself when no DDP forward owns it
     (:mod:`dist_infonce.losses.learnable`).
 
-    ``module.temperature`` reads the temperature of the next forward as a tensor;
-    assigning a number or one-element tensor sets it (schedules do so). With
+    ``module.temperature`` reads the temperature of the next forward: as given when
+    fixed (a float stays a float, as in info-nce-pytorch), ``1 / clamped logit scale`` as
+    a 0-dim tensor when learnable. Assigning a number or one-element tensor sets it
+    (schedules do so). With
     ``learn_temperature=True`` assigning writes ``log(1 / value)`` into ``logit_scale``
     in place: the optimizer keeps the same parameter and its state, the value of a
     tensor is read once (not tracked), and the forward clamps as above.
@@ -98,7 +103,24 @@ class TemperatureModule(AveragesOwnGradients):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / value)))
             self._temperature: Temperature | None = None
         else:
-            self._temperature = temperature if isinstance(temperature, torch.Tensor) else value
+            self._set_fixed(temperature if isinstance(temperature, torch.Tensor) else value)
+
+    def _set_fixed(self, value: Temperature) -> None:
+        # Registered only when it is an nn.Parameter (see the class doc); any slot the
+        # previous value held goes first (nn.Module refuses a float in a parameter slot).
+        self._parameters.pop("_temperature", None)
+        self.__dict__.pop("_temperature", None)
+        if isinstance(value, nn.Parameter):
+            self.register_parameter("_temperature", value)
+        else:
+            object.__setattr__(self, "_temperature", value)
+
+    def self_averaged_parameters(self) -> list[nn.Parameter]:
+        """The learnable logit scale, or a registered ``nn.Parameter`` temperature."""
+        if self.learn_temperature:
+            return [self.logit_scale]
+        t = self._temperature
+        return [t] if isinstance(t, nn.Parameter) and t.requires_grad else []
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "temperature":
@@ -109,12 +131,11 @@ class TemperatureModule(AveragesOwnGradients):
         super().__setattr__(name, value)
 
     @property
-    def temperature(self) -> torch.Tensor:
-        """The temperature used by the next forward, as a tensor (0-dim unless the user's is not)."""
+    def temperature(self) -> Temperature:
+        """The temperature of the next forward: as given when fixed, a 0-dim tensor when learnable."""
         if self.learn_temperature:
             return 1.0 / _clamped_scale(self.logit_scale)
-        t = self._temperature
-        return t if isinstance(t, torch.Tensor) else torch.tensor(t)
+        return self._temperature  # type: ignore[return-value]
 
     @temperature.setter
     def temperature(self, value: Temperature) -> None:
@@ -123,7 +144,7 @@ class TemperatureModule(AveragesOwnGradients):
             with torch.no_grad():
                 self.logit_scale.fill_(math.log(1.0 / v))
         else:
-            self._temperature = value if isinstance(value, torch.Tensor) else v
+            self._set_fixed(value if isinstance(value, torch.Tensor) else v)
 
     def inverse_temperature(self, like: torch.Tensor) -> torch.Tensor:
         """1 / temperature for this forward. Shape: (); ``like``'s accumulation dtype."""
@@ -131,11 +152,15 @@ class TemperatureModule(AveragesOwnGradients):
             (log_scale,) = self.rank_averaged(self.logit_scale, device=like.device)
             return _clamped_scale(log_scale).to(dtype=compute_dtype(like.dtype))
         temperature_value(self._temperature)  # a user-owned tensor may have changed
+        own = self.self_averaged_parameters()
+        if own:
+            (t,) = self.rank_averaged(*own, device=like.device)
+            return inverse_temperature(t, like)
         return inverse_temperature(self._temperature, like)
 
     def _temperature_repr(self) -> str:
         return (
-            f"temperature={float(self.temperature.detach()):.4g}, "
+            f"temperature={float(torch.as_tensor(self.temperature).detach()):.4g}, "
             f"learn_temperature={self.learn_temperature}"
         )
 

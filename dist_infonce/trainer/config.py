@@ -587,23 +587,7 @@ def validate(cfg: Config) -> None:
         f"accumulation does not); set train.grad_accum_steps=1, got {t.grad_accum_steps}",
     )
     _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
-    _check(
-        lo.chunk_size is None or lo.chunk_size > 0,
-        "loss.chunk_size",
-        f"must be > 0 or null, got {lo.chunk_size}",
-    )
-    _check(
-        lo.kernel != "dense" or lo.chunk_size is None,
-        "loss.chunk_size",
-        f"is the tile edge of the tiled kernels; loss.kernel=dense takes none (set it to null), got {lo.chunk_size}",
-    )
-    _check(
-        lo.kernel != "triton"
-        or lo.chunk_size is None
-        or (lo.chunk_size >= 16 and lo.chunk_size & (lo.chunk_size - 1) == 0),
-        "loss.chunk_size",
-        f"must be a power of two >= 16 with loss.kernel=triton (Triton tiles), got {lo.chunk_size}",
-    )
+    _check_loss_options(lo)
     _check(lo.num_negatives >= 0, "loss.num_negatives", f"must be >= 0, got {lo.num_negatives}")
     _check(
         lo.num_negatives == 0 or lo.kind == "info_nce",
@@ -643,6 +627,22 @@ def _get(cfg: Config, key: str) -> Any:
     for part in key.split("."):
         value = getattr(value, part)
     return value
+
+
+def _check_loss_options(lo: LossConfig) -> None:
+    """The loss's own option rules (chunk size vs kernel, Triton tiles), named by key.
+
+    The library's :class:`~dist_infonce.losses.options.LossOptions` is the one place
+    those rules live; its ValueError starts with the argument's name, the key's last
+    part: ``chunk_size must be ...`` becomes ``loss.chunk_size: must be ...``.
+    """
+    from dist_infonce.losses.options import LossOptions
+
+    try:
+        LossOptions(chunk_size=lo.chunk_size, kernel=lo.kernel, normalize=lo.normalize)
+    except ValueError as e:
+        argument, _, rest = str(e).partition(" ")
+        raise ConfigError(f"loss.{argument}: {rest}") from None
 
 
 def _is_signal(name: str) -> bool:

@@ -78,7 +78,7 @@ class Learner(nn.Module):
     @property
     def temperature(self) -> float:
         """The current temperature (learnable or fixed)."""
-        return float(self.loss_fn.temperature.detach())
+        return float(torch.as_tensor(self.loss_fn.temperature).detach())
 
     def cached_backward(
         self,
