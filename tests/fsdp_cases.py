@@ -122,3 +122,101 @@ def fsdp_bad_input_case() -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+# ----------------------------------------------------------------- the trainer's pieces
+
+
+def _learner(seed: int) -> Any:
+    """The trainer's two-tower learner (BatchNorm MLPs, learnable temperature), sharded by
+    the trainer's policy, and an AdamW over it."""
+    from dist_infonce.trainer.config import load_config
+    from dist_infonce.trainer.fsdp import shard_model
+    from dist_infonce.trainer.learner import Learner, build_loss
+    from dist_infonce.trainer.models import build_model
+
+    cfg = load_config(
+        None,
+        ["model.name=two_tower", "loss.kind=clip", "loss.learn_temperature=true",
+         "model.hidden_dim=12", "model.feature_dim=10", "model.embedding_dim=6"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    learner = Learner(build_model(cfg.model, ((7,), (5,))), build_loss(cfg.loss), cfg.loss.kind)
+    shard_model(
+        learner.model, device=torch.device("cpu"), reshard_after_forward=True, precision="fp32"
+    )
+    return learner, torch.optim.AdamW(learner.parameters(), lr=0.1)
+
+
+def _full_state(learner: Any, optimizer: Any) -> dict[str, Any] | None:
+    """Rank 0: the model and optimizer state, unsharded, by name; None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(learner, optimizer, options=opts)
+    if dist.get_rank() != 0:
+        return None
+    flat = {f"model.{k}": v.clone() for k, v in model_state.items()}
+    for name, moments in optim_state["state"].items():
+        flat.update({f"optim.{name}.{k}": torch.as_tensor(v).clone() for k, v in moments.items()})
+    return flat
+
+
+def save_sharded_case(directory: str, seed: int) -> dict[str, Any] | None:
+    """Two AdamW steps on random batches, then a sharded checkpoint of step 2."""
+    from pathlib import Path
+
+    from dist_infonce.trainer.fsdp import broadcast_buffers
+    from dist_infonce.trainer.sharded_checkpoint import save_sharded
+
+    learner, optimizer = _learner(seed)
+    rank = dist.get_rank()
+    for step in range(2):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        x0, x1 = torch.randn(6, 7, generator=g), torch.randn(6, 5, generator=g)
+        learner(x0, x1).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    broadcast_buffers(learner)  # as the trainer does before saving
+    trainer_state = {"step": 2, "note": "rank 0's"} if rank == 0 else None
+    error = save_sharded(Path(directory), 2, learner, optimizer, trainer_state, keep=1)
+    assert error == "", error
+    return _full_state(learner, optimizer)
+
+
+def load_sharded_case(directory: str, seed: int) -> dict[str, Any] | None:
+    """A fresh learner (another seed), loaded from the checkpoint of save_sharded_case."""
+    from pathlib import Path
+
+    from dist_infonce.trainer.sharded_checkpoint import load_sharded, sharded_path
+
+    learner, optimizer = _learner(seed)
+    state = load_sharded(sharded_path(Path(directory), 2), learner, optimizer)
+    full = _full_state(learner, optimizer)
+    return None if full is None else {"trainer": state, **full}
+
+
+def clip_case(max_norm: float) -> dict[str, Any]:
+    """Gradients of the sharded learner (and its replicated temperature), clipped by the
+    trainer's FSDP clipping; the full gradients before and after, and the norm."""
+    from dist_infonce.trainer.fsdp import clip_grad_norm_, local_grads
+
+    learner, _ = _learner(3)
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    learner(torch.randn(6, 7, generator=g), torch.randn(6, 5, generator=g)).backward()
+    params = list(learner.parameters())
+    full = lambda: [
+        p.grad.full_tensor().clone() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        for p in params
+    ]
+    before = full()
+    local = [h.grad for h in local_grads(params)]
+    norm = clip_grad_norm_(params, max_norm)
+    return {
+        "before": before,
+        "after": full(),
+        "norm": norm.clone(),
+        "local_numel": sum(x.numel() for x in local),
+        "full_numel": sum(x.numel() for x in before),
+    }

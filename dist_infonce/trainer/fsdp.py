@@ -33,6 +33,7 @@ from torch import nn
 from dist_infonce.trainer.config import ConfigError
 
 __all__ = [
+    "broadcast_buffers",
     "clip_grad_norm_",
     "local_grads",
     "shard_model",
@@ -134,6 +135,28 @@ def shard_model(
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     return units
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers on every rank: DDP's rule (``broadcast_buffers``), which FSDP
+    does not apply (buffers are not sharded; each rank's BatchNorm statistics would drift
+    apart). The trainer calls it at the start of every step, as DDP sends them at the
+    first forward of a step, and before a checkpoint, so that the copy a sharded
+    checkpoint keeps of a replicated tensor is rank 0's. One broadcast per dtype.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        with torch.no_grad():
+            for b in bufs:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
 
 
 def _is_dtensor(x: object) -> bool:

@@ -44,7 +44,13 @@ from dist_infonce.trainer.checkpoint import (
 from dist_infonce.trainer.config import Config, ConfigError, to_dict, to_yaml
 from dist_infonce.trainer.data import ContrastiveData, build_data, sample_batch
 from dist_infonce.trainer.evaluation import embed_fn
-from dist_infonce.trainer.fsdp import clip_grad_norm_, local_grads, shard_model, unsharded_copy
+from dist_infonce.trainer.fsdp import (
+    broadcast_buffers,
+    clip_grad_norm_,
+    local_grads,
+    shard_model,
+    unsharded_copy,
+)
 from dist_infonce.trainer.launch import make_accelerator, teardown
 from dist_infonce.trainer.learner import Learner, build_learner, check_kernel
 from dist_infonce.trainer.metrics import MetricsLog, init_wandb
@@ -277,6 +283,8 @@ class Trainer:
         temperature = unwrapped.temperature if self._log_due(done) else math.nan
         loss_sum = torch.zeros((), device=self.device)
         grad_norm, ok = None, True
+        if self.sharded:  # DDP sends rank 0's buffers at a step's first forward; so here
+            broadcast_buffers(unwrapped)
         for micro in range(cfg.train.grad_accum_steps):
             x0, x1, labels = sample_batch(
                 self.data, cfg, step=self.step, rank=self.rank, micro=micro
@@ -401,6 +409,7 @@ class Trainer:
             rngs = [rng]
         error = ""
         if self.sharded:
+            broadcast_buffers(self.unwrapped)  # the checkpoint keeps one copy: rank 0's
             error = save_sharded(
                 self.ckpt_dir,
                 step,
