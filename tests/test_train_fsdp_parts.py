@@ -78,3 +78,27 @@ def test_zero_dim_parameter_and_fp16_are_refused() -> None:
     assert (cfg.dist.strategy, cfg.dist.fsdp_reshard_after_forward) == ("fsdp", False)
     with pytest.raises(ConfigError, match=r"dist.strategy: 'fsdp2' is not one of ddp, fsdp"):
         load_config(None, ["dist.strategy=fsdp2"])
+
+
+def test_newest_sharded_skips_incomplete_and_prune_keeps_the_newest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dist_infonce.trainer.checkpoint import save_atomic
+    from dist_infonce.trainer.sharded_checkpoint import (
+        list_sharded,
+        newest_sharded,
+        prune_sharded,
+        sharded_path,
+    )
+
+    for step in (3, 4, 8):
+        path = sharded_path(tmp_path, step)
+        path.mkdir()
+        save_atomic({"step": step}, path / "trainer.pt")
+        if step != 8:  # step 8: DCP never finished (no .metadata)
+            (path / ".metadata").write_bytes(b"")
+    (tmp_path / ".step_00000009.dcp.tmp").mkdir()  # an interrupted write: never listed
+    assert newest_sharded(tmp_path) == sharded_path(tmp_path, 4)
+    assert "step_00000008.dcp is unreadable" in capsys.readouterr().err
+    assert prune_sharded(tmp_path, keep=2) == [sharded_path(tmp_path, 3)]
+    assert [s for s, _ in list_sharded(tmp_path)] == [4, 8]
