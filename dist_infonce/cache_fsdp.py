@@ -37,6 +37,7 @@ collectives back inside the loop (see above).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,8 +159,14 @@ class CachedPasses:
             for s in self._settings.get(id(m), []):
                 s.sync()
 
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self._restore()
+            return
+        # A forward or backward raised: FSDP's own state may be mid-pass (torch asks for
+        # reset_iter_state() on the root then); restore what can be, keep the error.
+        with suppress(Exception):
+            self._restore()
 
     def _restore(self) -> None:
         for m in self.modules:

@@ -34,10 +34,13 @@ def _fsdp_measure(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> i
     return _BITS.get(getattr(x, "dtype", None), -1)
 
 
-def sharded_model(seed: int, p: float, mixed: bool) -> cache_cases.TwoTower:
+def sharded_model(
+    seed: int, p: float, mixed: bool, root_params: bool = False
+) -> cache_cases.TwoTower:
     """The two-tower model of cache_cases, each Linear, each tower and the root
     ``fully_shard``-ed on a CPU mesh (6 parameter groups: 2 Linear + the LayerNorm left
-    in its tower, per tower; the root holds no parameter of its own)."""
+    in its tower, per tower; the root holds no parameter of its own). ``root_params``:
+    the towers are not units, so the root holds both LayerNorms (5 groups)."""
     model = cache_cases.make_model(seed, "layer", p, False)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     kw: dict[str, Any] = {"mesh": mesh}
@@ -49,8 +52,15 @@ def sharded_model(seed: int, p: float, mixed: bool) -> cache_cases.TwoTower:
     for tower in (model.a, model.b):
         fully_shard(tower[0], **kw)
         fully_shard(tower[4], **kw)
-        fully_shard(tower, **kw)
+        if not root_params:
+            fully_shard(tower, **kw)
     fully_shard(model, **kw)
+    if root_params:
+        # FSDP's lazy initialisation (the root keeps its parameters after forward) in a
+        # plain step first, so that the settings compared after each call are settled.
+        x0, x1 = cache_cases.global_batch(999, [2])
+        sum(z.sum() for z in model(x0.to(next(model.a.parameters()).dtype), x1)).backward()
+        model.zero_grad(set_to_none=True)
     return model
 
 
@@ -64,13 +74,20 @@ def _settings(model: torch.nn.Module) -> list[tuple[Any, ...]]:
 
 
 def fsdp_cache_case(
-    sizes: list[int], micro: int, seed: int, p: float, calls: int, mixed: bool, as_dict: bool
+    sizes: list[int],
+    micro: int,
+    seed: int,
+    p: float,
+    calls: int,
+    mixed: bool,
+    as_dict: bool,
+    root_params: bool = False,
 ) -> dict[str, Any]:
     """``calls`` cached_backward calls (data seed + i) on the sharded model; the full
     gradients of the last call, FSDP's collectives per call (dtype bits), the losses,
     and whether FSDP's settings and sharding are as before each call."""
     rank = dist.get_rank()
-    model = sharded_model(seed, p, mixed)
+    model = sharded_model(seed, p, mixed, root_params)
     loss_fn = cache_cases.make_loss(False)
     if mixed:
         loss_fn.float()

@@ -22,13 +22,20 @@ GROUPS = 6
 
 
 @pytest.mark.parametrize(
-    ("world_size", "as_dict"), [(2, False), (2, True), (3, False)], ids=["2", "2-dict", "3"]
+    ("world_size", "as_dict", "root_params"),
+    [(2, False, False), (2, True, False), (3, False, False), (2, False, True)],
+    ids=["2", "2-dict", "3", "2-root-holds-parameters"],
 )
-def test_fsdp_cached_equals_one_process(worlds: Worlds, world_size: int, as_dict: bool) -> None:
+def test_fsdp_cached_equals_one_process(
+    worlds: Worlds, world_size: int, as_dict: bool, root_params: bool
+) -> None:
     sizes, seed, calls, p = SIZES[world_size], 11, 2, 0.25
     res = worlds.run(
-        world_size, fsdp_cases.fsdp_cache_case, sizes, MICRO, seed, p, calls, False, as_dict
-    )
+        world_size,
+        fsdp_cases.fsdp_cache_case,
+        sizes, MICRO, seed, p, calls, False, as_dict, root_params,
+    )  # fmt: skip
+    groups = 5 if root_params else GROUPS
     grads, _, losses = reference(sizes, seed, "layer", p, False, calls)
     assert len({r["micro_batches"] for r in res}) == world_size  # uneven: 3 / 2 (/ 1)
     for rank, r in enumerate(res):
@@ -41,7 +48,7 @@ def test_fsdp_cached_equals_one_process(worlds: Worlds, world_size: int, as_dict
         # gathered once and reduce-scattered once (float64 both ways).
         for recorded in r["collectives"]:
             assert sorted(recorded) == sorted(
-                [("all_gather_single", 64)] * GROUPS + [("reduce_scatter_single", 64)] * GROUPS
+                [("all_gather_single", 64)] * groups + [("reduce_scatter_single", 64)] * groups
             ), recorded
         assert r["kept"] == [True] * calls  # settings restored, parameters resharded
     for i in range(calls):
