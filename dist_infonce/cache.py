@@ -602,8 +602,9 @@ def cached_backward(
     order = sorted(range(len(towers)), key=rank_of)
     # Each DDP model all-reduces once: in the last micro-batch of its last tower.
     synced = {id(towers[i].ddp): i for i in order if towers[i].ddp is not None}
-    # Each FSDP module reduce-scatters once: in the last micro-batch of its last tower.
-    fsdp_last = {id(m): i for i in order for m in towers[i].fsdp}
+    # Each FSDP module reduce-scatters once: in the last micro-batch of the last tower
+    # that uses it and is re-run in pass 2.
+    fsdp_last = {id(m): i for i in order if towers[i].trainable for m in towers[i].fsdp}
     devices = _cuda_devices(towers)
     for ddp in {id(t.ddp): t.ddp for t in towers if t.ddp is not None}.values():
         _broadcast_buffers(ddp)
@@ -684,7 +685,7 @@ def _both_passes(
             sync_now = t.ddp is None or (last and synced[id(t.ddp)] == i)
             sync = nullcontext() if sync_now else t.ddp.no_sync()  # type: ignore[union-attr]
             if last:
-                passes.sync_next(m for m in t.fsdp if fsdp_last[id(m)] == i)
+                passes.sync_next(m for m in t.fsdp if fsdp_last.get(id(m)) == i)
             rows = chunk[0].shape[0]
             with sync, _replayed_rng(t.rng[j], devices):
                 out = _as_tuple(t(chunk), t)
