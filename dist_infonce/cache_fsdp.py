@@ -100,8 +100,8 @@ class _GroupSettings:
         except AttributeError as e:
             raise RuntimeError(
                 f"cached_backward: this torch ({torch.__version__}) keeps FSDP2's "
-                f"parameter-group settings differently ({e}); FSDP2 models are supported "
-                "with torch 2.6 to 2.14"
+                f"parameter-group settings differently ({e}); FSDP2 models are tested "
+                "with torch 2.14"
             ) from None
 
     def quiet(self) -> None:
