@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.bench_cli import read_json, run_bench
+from tests.bench_cli import REPO, read_json, run_bench
 
 
 @pytest.mark.slow
@@ -25,6 +26,13 @@ def test_fsdp_bench_small_run(tmp_path: Path) -> None:
         assert r["peak_mib"] >= r["base_mib"] > 50 and r["seconds"] > 0, r
         assert r["sent_mib"] > 0 and r["config"]["model"]["hidden_dim"] == 64
     assert rows["fsdp"]["config"]["dist"]["strategy"] == "fsdp"
+    # The task is configs/clip_synthetic.yaml's step with wider towers.
+    task = yaml.safe_load((REPO / "configs" / "clip_synthetic.yaml").read_text())
+    widened = {("model", "hidden_dim"), ("model", "depth")}
+    for section in ("model", "loss", "data"):
+        for key, value in task[section].items():
+            if (section, key) not in widened:
+                assert rows["ddp"]["config"][section][key] == value, (section, key)
     # Sharding over 2 ranks halves parameters, gradients and AdamW moments (the loss's
     # temperature and FSDP's padding aside).
     ratio = rows["fsdp"]["state_mib"] / rows["ddp"]["state_mib"]
