@@ -20,6 +20,12 @@ outputs, and pass 2 recomputes the very same outputs (same weights, same dropout
 masks, same buffers). What a micro-batch changes is what normalisation layers see:
 BatchNorm normalises with the statistics of its micro-batch, in both passes alike.
 
+Models may be DDP-wrapped, or contain ``fully_shard``-ed (FSDP2) modules: their
+gradients are reduced once per call, on the last micro-batch, and FSDP's parameters
+are gathered once per call (:mod:`dist_infonce.cache_fsdp`). Inputs may be a dict of
+tensors (a Hugging Face model's ``input_ids`` and ``attention_mask``), passed as
+keyword arguments.
+
 Entry point: :func:`cached_backward`.
 """
 
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,11 +44,12 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_infonce.cache_fsdp import CachedPasses, fsdp_group, fsdp_modules
 from dist_infonce.dist import _comm_device, all_reduce_mean
 
 __all__ = ["cached_backward"]
 
-Inputs = torch.Tensor | Sequence[torch.Tensor]
+Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 @dataclass
@@ -52,6 +59,7 @@ class _Tower:
     fn: Callable[..., Any]
     inputs: tuple[torch.Tensor, ...]
     name: str  # how error messages refer to its inputs ("inputs" or "inputs[1]")
+    keys: tuple[str, ...] | None = None  # dict inputs: passed as these keywords
     # Filled by pass 1:
     rng: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
     outputs: list[tuple[Any, ...]] = field(default_factory=list)
@@ -64,12 +72,20 @@ class _Tower:
     def module(self) -> nn.Module | None:
         """The module behind the callable (DDP and torch.compile unwrapped; a bound
         method's owner)."""
-        ddp = self.ddp
-        fn = ddp.module if ddp is not None else getattr(self.fn, "_orig_mod", self.fn)
-        if isinstance(fn, nn.Module):
-            return fn
-        owner = getattr(fn, "__self__", None)
-        return owner if isinstance(owner, nn.Module) else None
+        return _module_of(self.fn)
+
+    @property
+    def fsdp(self) -> list[nn.Module]:
+        """The ``fully_shard``-ed modules of this tower (itself included)."""
+        return fsdp_modules(self.module)
+
+    def __call__(self, chunk: Sequence[torch.Tensor], fn: Callable[..., Any] | None = None) -> Any:
+        """``fn`` (default: the tower's callable) on one micro-batch: ``fn(*chunk)``, or
+        ``fn(**{key: part})`` for dict inputs."""
+        fn = self.fn if fn is None else fn
+        if self.keys is None:
+            return fn(*chunk)
+        return fn(**dict(zip(self.keys, chunk, strict=True)))
 
     @property
     def trainable(self) -> bool:
@@ -92,6 +108,17 @@ def _as_ddp(fn: object) -> DistributedDataParallel | None:
     return fn if isinstance(fn, DistributedDataParallel) else None
 
 
+def _module_of(fn: object) -> nn.Module | None:
+    """The module behind a callable (DDP and torch.compile unwrapped; a bound method's
+    owner); None for a plain function."""
+    ddp = _as_ddp(fn)
+    fn = ddp.module if ddp is not None else getattr(fn, "_orig_mod", fn)
+    if isinstance(fn, nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -106,17 +133,37 @@ def _check_micro_batch_size(micro_batch_size: object) -> int:
     return value
 
 
-def _as_inputs(name: str, inputs: object) -> tuple[torch.Tensor, ...]:
+def _as_inputs(
+    name: str, inputs: object
+) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
     """``inputs`` as a non-empty tuple of tensors with one common first dimension B
-    (B = 0 is refused later, after the ranks have agreed on it)."""
-    xs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+    (B = 0 is refused later, after the ranks have agreed on it), and the keywords they
+    are passed as (a dict), or None (positional)."""
+    keys = None
+    if isinstance(inputs, Mapping):
+        if not inputs or not all(isinstance(k, str) for k in inputs):
+            raise ValueError(
+                f"{name}: a dict of inputs needs at least one entry and str keys (the "
+                f"model's keyword arguments), got keys {list(inputs)[:4]}"
+            )
+        keys = tuple(inputs)
+        wrong = {k: type(v).__name__ for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+        if wrong:
+            raise ValueError(
+                f"{name}: every value of a dict of inputs must be a Tensor with a batch "
+                f"dimension, got {wrong}"
+            )
+        xs: Any = tuple(inputs.values())
+    else:
+        xs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
     if (
         not isinstance(xs, list | tuple)
         or not xs
         or not all(isinstance(x, torch.Tensor) for x in xs)
     ):
         raise ValueError(
-            f"{name} must be a Tensor or a non-empty tuple of Tensors, got {type(inputs).__name__}"
+            f"{name} must be a Tensor or a non-empty tuple of Tensors (or a dict of "
+            f"Tensors), got {type(inputs).__name__}"
         )
     rows = [x.shape[0] if x.dim() > 0 else None for x in xs]
     if None in rows:
@@ -124,8 +171,9 @@ def _as_inputs(name: str, inputs: object) -> tuple[torch.Tensor, ...]:
             f"{name}: every tensor needs a first (batch) dimension, got a 0-dim tensor"
         )
     if len(set(rows)) > 1:
-        raise ValueError(f"{name}: all tensors must have the same first dimension B, got {rows}")
-    return tuple(xs)
+        shown = dict(zip(keys, rows, strict=True)) if keys is not None else rows
+        raise ValueError(f"{name}: all tensors must have the same first dimension B, got {shown}")
+    return tuple(xs), keys
 
 
 def _towers(model: object, inputs: object) -> list[_Tower]:
@@ -146,7 +194,8 @@ def _towers(model: object, inputs: object) -> list[_Tower]:
         if not callable(fn):
             label = "model" if len(pairs) == 1 else f"model[{i}]"
             raise ValueError(f"{label} must be callable, got {type(fn).__name__}")
-        towers.append(_Tower(fn=fn, inputs=_as_inputs(name, xs), name=name))
+        tensors, keys = _as_inputs(name, xs)
+        towers.append(_Tower(fn=fn, inputs=tensors, name=name, keys=keys))
     return towers
 
 
@@ -316,7 +365,8 @@ def _agreement_group(model: object, loss_fn: object) -> tuple[bool, ProcessGroup
     """Whether every rank of a group is known to be in this call, and that group.
 
     This call runs a collective on every rank of a group when the model is DDP (its
-    gradient all-reduce), when the loss gathers (``gather=True``), or when learnable
+    gradient all-reduce) or contains FSDP2 modules (their all-gathers and
+    reduce-scatters), when the loss gathers (``gather=True``), or when learnable
     loss parameters get their gradient averaged over the loss's ``group``: by
     :func:`_averaged_over_ranks`, or by the loss module itself in its backward
     (``averages_own_gradients``). There one tiny all-gather first lets all ranks fail
@@ -328,9 +378,12 @@ def _agreement_group(model: object, loss_fn: object) -> tuple[bool, ProcessGroup
         return False, None
     fns = model if isinstance(model, list | tuple) else [model]
     ddp = next((d for d in map(_as_ddp, fns) if d is not None), None)
+    sharded = [m for fn in fns for m in fsdp_modules(_module_of(fn))]
     loss = _loss_module(loss_fn)
     if ddp is not None:
         group = ddp.process_group
+    elif sharded:
+        group = fsdp_group(sharded)
     elif isinstance(loss, DistributedDataParallel):
         group = loss.process_group
     elif getattr(loss, "gather", False) or _loss_params(loss_fn) or _self_averaging(loss_fn):
@@ -481,7 +534,8 @@ def cached_backward(
     same micro-batch forwards would give.
 
     Args:
-        model: called as ``model(*micro)``, ``micro`` the row slices of ``inputs``;
+        model: called as ``model(*micro)``, ``micro`` the row slices of ``inputs``
+            (``model(**micro)`` for a dict of inputs);
             returns a Tensor or a tuple of Tensors with one row per input row. A 0-dim
             output (a per-batch scalar such as OpenCLIP's ``logit_scale.exp()``) must
             be the same in every micro-batch: the loss gets it once and its gradient is
@@ -489,6 +543,12 @@ def cached_backward(
             under ``torch.compile``; not hidden in a lambda, which this cannot see):
             its gradients are then all-reduced once per call (``no_sync`` on every
             micro-batch but the last, also when ranks hold different numbers of rows).
+            It may be or contain ``fully_shard``-ed (FSDP2) modules: each parameter group
+            is all-gathered once per call and reduce-scattered once per call, on the
+            last micro-batch of the last tower that uses it, so the collectives pair up
+            also when ranks run different numbers of micro-batches
+            (:mod:`dist_infonce.cache_fsdp`); pass the FSDP module itself (or a module
+            holding it), not a function that hides it.
             A sequence of callables (towers) runs each on its own entry of ``inputs``
             (their row counts may differ); a tower without trainable parameters (and
             with inputs that need no gradient) is not re-run in pass 2.
@@ -502,8 +562,10 @@ def cached_backward(
             average their own (``averages_own_gradients = True``: this package's
             ``InfoNCE`` / ``NTXent`` with a learnable temperature) do it in their
             backward, over their ``group``, and are left alone here.
-        inputs: a Tensor or a tuple of Tensors with one first dimension B >= 1 (B may
-            differ between ranks); with towers, one such entry per tower.
+        inputs: a Tensor, a tuple of Tensors, or a dict of Tensors (keyword arguments,
+            e.g. ``input_ids`` and ``attention_mask``), with one first dimension B >= 1
+            (B may differ between ranks), split row-wise key by key; with towers, one
+            such entry per tower (``tower(**entry)`` for a dict entry).
         micro_batch_size: rows per model call; consecutive slices, the remainder last.
         scaler: an fp16 ``torch.amp.GradScaler``: the loss is scaled once, before its
             backward, so the cached gradients and every ``.grad`` carry the scale.
@@ -515,7 +577,7 @@ def cached_backward(
         ValueError: naming the argument, for ``micro_batch_size < 1``, inputs whose
             first dimensions differ, an empty batch, outputs whose row count differs
             from their micro-batch's, 0-dim outputs that differ between micro-batches,
-            or a loss that is not 0-dim. With a DDP model or a gathering loss
+            or a loss that is not 0-dim. With a DDP or FSDP2 model or a gathering loss
             (``gather=True``), bad or empty inputs on one rank make every rank of the
             group raise (one small all-gather first) instead of leaving them waiting;
             so does SyncBatchNorm with different numbers of micro-batches per rank.
@@ -548,18 +610,49 @@ def cached_backward(
     for t in towers:
         if t.inputs[0].shape[0] == 0:
             raise ValueError(f"{t.name} is an empty batch (B = 0); cached_backward needs B >= 1")
-    # DDP towers last: a plain callable sharing their parameters (the trainer's
-    # explicit negatives go through the DDP model's inner module) must finish its
-    # backward before the synced one that all-reduces them. Pass 1 and pass 2 keep
-    # the same order, so the buffers evolve identically in both.
-    order = [i for i in range(len(towers)) if towers[i].ddp is None]
-    order += [i for i in range(len(towers)) if towers[i].ddp is not None]
+    # Sharded towers last (FSDP, then DDP): a plain callable sharing their parameters
+    # (the trainer's explicit negatives go through the model's inner module) must
+    # finish its backward before the synced one that reduces them. Pass 1 and pass 2
+    # keep the same order, so the buffers evolve identically in both.
+    rank_of = lambda i: 2 if towers[i].ddp is not None else 1 if towers[i].fsdp else 0
+    order = sorted(range(len(towers)), key=rank_of)
     # Each DDP model all-reduces once: in the last micro-batch of its last tower.
     synced = {id(towers[i].ddp): i for i in order if towers[i].ddp is not None}
+    # Each FSDP module reduce-scatters once: in the last micro-batch of the last tower
+    # that uses it and is re-run in pass 2.
+    fsdp_last = {id(m): i for i in order if towers[i].trainable for m in towers[i].fsdp}
     devices = _cuda_devices(towers)
     for ddp in {id(t.ddp): t.ddp for t in towers if t.ddp is not None}.values():
         _broadcast_buffers(ddp)
+    with CachedPasses(m for t in towers for m in t.fsdp) as passes:
+        return _both_passes(
+            towers=towers,
+            order=order,
+            loss_fn=loss_fn,
+            micro=micro,
+            scaler=scaler,
+            devices=devices,
+            synced=synced,
+            fsdp_last=fsdp_last,
+            passes=passes,
+        )
 
+
+def _both_passes(
+    *,
+    towers: list[_Tower],
+    order: list[int],
+    loss_fn: Callable[..., torch.Tensor],
+    micro: int,
+    scaler: torch.amp.GradScaler | None,
+    devices: list[int],
+    synced: dict[int, int],
+    fsdp_last: dict[int, int],
+    passes: CachedPasses,
+) -> torch.Tensor:
+    """Pass 1, the loss and its backward, pass 2 (see the module docstring); the
+    detached loss. ``synced`` / ``fsdp_last``: the tower whose last micro-batch reduces
+    the gradients of each DDP model / FSDP module (by id)."""
     # Pass 1: outputs without grad, generator states saved per micro-batch.
     buffers = _PassOneBuffers(towers)
     try:
@@ -572,7 +665,7 @@ def cached_backward(
                 fn = t.ddp.module if t.ddp is not None else t.fn
                 for chunk in zip(*(x.split(micro) for x in t.inputs), strict=True):
                     t.rng.append(_get_rng(devices))
-                    t.outputs.append(_as_tuple(fn(*chunk), t))
+                    t.outputs.append(_as_tuple(t(chunk, fn), t))
                 buffers.after(t)
     finally:  # also when a forward raised: the model stays as the caller gave it
         buffers.restore()
@@ -608,9 +701,11 @@ def cached_backward(
             last = j == len(chunks) - 1
             sync_now = t.ddp is None or (last and synced[id(t.ddp)] == i)
             sync = nullcontext() if sync_now else t.ddp.no_sync()  # type: ignore[union-attr]
+            if last:
+                passes.sync_next(m for m in t.fsdp if fsdp_last.get(id(m)) == i)
             rows = chunk[0].shape[0]
             with sync, _replayed_rng(t.rng[j], devices):
-                out = _as_tuple(t.fn(*chunk), t)
+                out = _as_tuple(t(chunk), t)
                 targets, grad_outputs = [], []
                 for k, (o, g) in enumerate(zip(out, grads, strict=True)):
                     if g is None or not o.requires_grad:

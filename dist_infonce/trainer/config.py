@@ -248,6 +248,14 @@ class DistConfig:
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
     """On these signals every rank finishes its step, rank 0 writes a checkpoint, and the
     run exits 75 without requeueing (a plain ``kill``, ``scancel``, torchrun's shutdown)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole model (DistributedDataParallel) | fsdp: each tower
+    and its blocks ``fully_shard``-ed (FSDP2): parameters, gradients and optimizer state
+    split over the ranks, sharded checkpoints (torch.distributed.checkpoint; docs/fsdp.md)."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp: free a block's gathered parameters after its forward and gather them again
+    for its backward (less memory, more communication); false keeps them until backward.
+    Under gradient caching the parameters are gathered once per step either way."""
 
 
 @dataclass
@@ -611,6 +619,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.log.every >= 1, "log.every", f"must be >= 1, got {cfg.log.every}")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
+    _check(
+        cfg.dist.strategy != "fsdp" or t.precision != "fp16",
+        "train.precision",
+        "fp16 is not supported with dist.strategy=fsdp (no gradient scaler there); use bf16",
+    )
     for key, names in (
         ("dist.requeue_signal", [cfg.dist.requeue_signal] if cfg.dist.requeue_signal else []),
         ("dist.stop_signals", cfg.dist.stop_signals),

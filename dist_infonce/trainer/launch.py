@@ -113,7 +113,10 @@ def make_accelerator(cfg: Config) -> Any:
         # cpu=True is what makes accelerate build a gloo world from torchrun/srun
         # variables on a machine without GPUs (otherwise: N unconnected processes).
         cpu=cpu,
-        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision],
+        # Under FSDP its MixedPrecisionPolicy casts (dist_infonce.trainer.fsdp), not autocast.
+        mixed_precision="no"
+        if cfg.dist.strategy == "fsdp"
+        else {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         # A finite timeout: a rank that died makes the others fail, not hang forever.
         kwargs_handlers=[

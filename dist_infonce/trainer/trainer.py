@@ -44,9 +44,17 @@ from dist_infonce.trainer.checkpoint import (
 from dist_infonce.trainer.config import Config, ConfigError, to_dict, to_yaml
 from dist_infonce.trainer.data import ContrastiveData, build_data, sample_batch
 from dist_infonce.trainer.evaluation import embed_fn
+from dist_infonce.trainer.fsdp import (
+    broadcast_buffers,
+    clip_grad_norm_,
+    local_grads,
+    shard_model,
+    unsharded_copy,
+)
 from dist_infonce.trainer.launch import make_accelerator, teardown
 from dist_infonce.trainer.learner import Learner, build_learner, check_kernel
 from dist_infonce.trainer.metrics import MetricsLog, init_wandb
+from dist_infonce.trainer.models import build_model
 from dist_infonce.trainer.optim import build_optimizer, lr_factor, peak_lr
 from dist_infonce.trainer.resilience import (
     CheckpointWriteError,
@@ -54,6 +62,12 @@ from dist_infonce.trainer.resilience import (
     disk_space_problem,
     install_fault_hook,
     make_guard,
+)
+from dist_infonce.trainer.sharded_checkpoint import (
+    list_sharded,
+    load_sharded,
+    newest_sharded,
+    save_sharded,
 )
 
 __all__ = ["StepResult", "Trainer"]
@@ -100,6 +114,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.step = 0
         self.wandb_id: str | None = None
+        # dist.strategy=fsdp: the encoders fully_shard-ed (dist_infonce.trainer.fsdp).
+        self.sharded = cfg.dist.strategy == "fsdp"
         # The process's place in the world, known once setup() has started it.
         self.rank, self.world, self.is_main = 0, 1, True
         self.device = torch.device("cpu")
@@ -140,6 +156,14 @@ class Trainer:
         self.data = build_data(cfg.data, knn_k=cfg.eval.knn_k)
         learner = build_learner(cfg, self.data)
         check_kernel(cfg.loss, self.device)
+        if self.sharded:  # before the optimizer: it must see the sharded parameters
+            learner.to(self.device)
+            shard_model(
+                learner.model,
+                device=self.device,
+                reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
+                precision=cfg.train.precision,
+            )
         optimizer = build_optimizer(learner, cfg.train, peak_lr(cfg.train, self.world))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.train)
@@ -169,7 +193,8 @@ class Trainer:
 
     def _prepare_output_dir(self) -> str:
         """Rank 0: set output_dir up and write config.yaml; what is wrong with it, or ``""``."""
-        if not self.cfg.checkpoint.resume and list_checkpoints(self.ckpt_dir):
+        old = list_checkpoints(self.ckpt_dir) or list_sharded(self.ckpt_dir)
+        if not self.cfg.checkpoint.resume and old:
             # A fresh run must not mix its checkpoints with an older run's (keep-last-K
             # and a later resume go by step number); move them aside, never delete.
             aside = self.out / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -192,7 +217,12 @@ class Trainer:
 
     def _prepare(self, learner: Learner, optimizer: torch.optim.Optimizer) -> None:
         """Place and wrap (DDP) the model and the optimizer through accelerate."""
-        if self.cfg.train.micro_batch_size is None:
+        if self.sharded:
+            # Sharded in setup(); accelerate wraps only the optimizer. The loss module
+            # stays outside FSDP and averages its learnable temperature itself.
+            self.optimizer = self.accelerator.prepare(optimizer)
+            self.learner, self.encoder = learner, learner.model
+        elif self.cfg.train.micro_batch_size is None:
             self.learner, self.optimizer = self.accelerator.prepare(learner, optimizer)
             self.encoder = self.learner
         else:
@@ -253,12 +283,16 @@ class Trainer:
         temperature = unwrapped.temperature if self._log_due(done) else math.nan
         loss_sum = torch.zeros((), device=self.device)
         grad_norm, ok = None, True
+        if self.sharded:  # DDP sends rank 0's buffers at a step's first forward; so here
+            broadcast_buffers(unwrapped)
         for micro in range(cfg.train.grad_accum_steps):
             x0, x1, labels = sample_batch(
                 self.data, cfg, step=self.step, rank=self.rank, micro=micro
             )
             x0, x1 = x0.to(self.device), x1.to(self.device)
             labels = None if labels is None else labels.to(self.device)
+            if self.sharded:  # accelerate's no_sync does not reach FSDP2 modules here
+                self.encoder.set_requires_gradient_sync(micro == cfg.train.grad_accum_steps - 1)
             with acc.accumulate(self.encoder):
                 if cfg.train.micro_batch_size is None:
                     loss = learner(x0, x1, labels)
@@ -273,9 +307,14 @@ class Trainer:
                         accelerator=acc,
                     )
                 # One all-reduce per optimizer step: signals and non-finite values, agreed.
-                ok = not acc.sync_gradients or guard.check(loss, unwrapped.parameters(), done)
+                # Under FSDP each rank checks its own shards; the ranks agree anyway.
+                held = (
+                    local_grads(unwrapped.parameters()) if self.sharded else unwrapped.parameters()
+                )
+                ok = not acc.sync_gradients or guard.check(loss, held, done)
                 if ok and acc.sync_gradients and cfg.train.grad_clip > 0:
-                    grad_norm = acc.clip_grad_norm_(unwrapped.parameters(), cfg.train.grad_clip)
+                    clip = clip_grad_norm_ if self.sharded else acc.clip_grad_norm_
+                    grad_norm = clip(unwrapped.parameters(), cfg.train.grad_clip)
                 if ok:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -320,13 +359,18 @@ class Trainer:
         """The data set's evaluation of the frozen features on rank 0 (``eval.enabled``);
         logged as one ``eval/*`` row and put in the W&B summary. {} elsewhere."""
         evaluate = getattr(self.data, "evaluate", None)
-        if not (self.is_main and self.cfg.eval.enabled and evaluate is not None):
+        if not (self.cfg.eval.enabled and evaluate is not None):
             return {}
-        unwrapped, metrics = self.unwrapped, self.metrics
-        unwrapped.eval()
-        embed = embed_fn(
-            unwrapped.model, self.device, self.cfg.eval.batch_size, self.accelerator.autocast
-        )
+        model: nn.Module | None = self.unwrapped.model
+        if self.sharded:  # rank 0 evaluates alone: a plain copy, gathered by every rank
+            data, cfg = self.data, self.cfg.model
+            model = unsharded_copy(model, lambda: build_model(cfg, data.input_shapes))
+        if not self.is_main:
+            return {}
+        assert model is not None
+        metrics = self.metrics
+        model.to(self.device).eval()
+        embed = embed_fn(model, self.device, self.cfg.eval.batch_size, self.accelerator.autocast)
         t0 = time.perf_counter()
         results: dict[str, float] = evaluate(embed)
         metrics.log(
@@ -348,7 +392,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, step: int | None = None) -> None:
-        """Write the checkpoint of ``step`` (default: the steps done) on rank 0.
+        """Write the checkpoint of ``step`` (default: the steps done) on rank 0 (under
+        FSDP: every rank its shards, :mod:`~dist_infonce.trainer.sharded_checkpoint`).
 
         Every rank's RNG state goes in; nobody moves on before the file is on disk.
 
@@ -363,23 +408,23 @@ class Trainer:
         else:
             rngs = [rng]
         error = ""
-        if self.is_main:
-            acc = self.accelerator
+        if self.sharded:
+            broadcast_buffers(self.unwrapped)  # the checkpoint keeps one copy: rank 0's
+            error = save_sharded(
+                self.ckpt_dir,
+                step,
+                self.unwrapped,
+                self.optimizer,
+                self._trainer_state(step, rngs) if self.is_main else None,
+                self.cfg.checkpoint.keep,
+            )
+            if error:
+                error = f"checkpoint of step {step} could not be written to {self.ckpt_dir} ({error}); training stopped"
+        elif self.is_main:
             state = {
-                "step": step,
                 "model": self.unwrapped.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "rng": rngs,
-                # Batches are a function of (seed, step, rank): the step is the data position.
-                "data": {
-                    "step": step,
-                    "samples_seen": step * self.cfg.train.batch_size * len(rngs),
-                },
-                "wandb_run_id": self.wandb_id or "",
-                "world_size": len(rngs),
-                "config": to_dict(self.cfg),
+                **self._trainer_state(step, rngs),
             }
             error = self._write(state, step)
         # A failed write stops every rank (rank 0's verdict is broadcast) instead of
@@ -391,6 +436,24 @@ class Trainer:
             raise CheckpointWriteError(verdict[0])
         if self.guard is not None:
             self.guard.track_save(step)
+
+    def _trainer_state(self, step: int, rngs: list[Any]) -> dict[str, Any]:
+        """What a checkpoint holds besides the model and the optimizer."""
+        acc = self.accelerator
+        return {
+            "step": step,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "rng": rngs,
+            # Batches are a function of (seed, step, rank): the step is the data position.
+            "data": {
+                "step": step,
+                "samples_seen": step * self.cfg.train.batch_size * len(rngs),
+            },
+            "wandb_run_id": self.wandb_id or "",
+            "world_size": len(rngs),
+            "config": to_dict(self.cfg),
+        }
 
     def _write(self, state: dict[str, Any], step: int) -> str:
         """Rank 0: the file of ``step`` and keep-last-K; what went wrong, or ``""``."""
@@ -414,20 +477,34 @@ class Trainer:
         Rank 0 picks the file, every rank loads that one: weights, optimizer, schedule,
         scaler, this rank's RNG state, the step and the W&B run id. Without one, every
         rank gets its own RNG stream. Returns whether a checkpoint was loaded.
+
+        Under FSDP the checkpoint is a sharded directory, read by every rank for its
+        shards, from a run of any world size; the checkpoints of the other strategy
+        are refused (a ConfigError on every rank, naming ``dist.strategy``).
         """
         from accelerate.utils import broadcast_object_list, set_seed
 
-        found: list[str | None] = [None]
+        found: list[str | None] = [None, None]
         if self.cfg.checkpoint.resume and self.is_main:
-            hit = load_latest(self.ckpt_dir)
-            found[0] = str(hit[1]) if hit else None
+            if self.sharded:
+                hit = newest_sharded(self.ckpt_dir)
+                found[0] = str(hit) if hit else None
+            else:
+                latest = load_latest(self.ckpt_dir)
+                found[0] = str(latest[1]) if latest else None
+            found[1] = self._other_strategy(found[0])
         broadcast_object_list(found)
+        if found[1]:
+            raise ConfigError(found[1])
         if found[0] is None:
             set_seed(self.cfg.seed + self.rank)  # per-rank streams for anything stochastic
             return False
-        state = torch.load(found[0], map_location="cpu", weights_only=True)
-        self.unwrapped.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            state = load_sharded(Path(found[0]), self.unwrapped, self.optimizer)
+        else:
+            state = torch.load(found[0], map_location="cpu", weights_only=True)
+            self.unwrapped.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.wandb_id = state["wandb_run_id"] or None
@@ -450,6 +527,23 @@ class Trainer:
                 )
             torch.manual_seed(self.cfg.seed + 1_000_003 * (self.step + 1) + self.rank)
         return True
+
+    def _other_strategy(self, found: str | None) -> str:
+        """Rank 0: why the run cannot resume (only the other strategy's checkpoints in
+        output_dir), or ``""``."""
+        if found is not None:
+            return ""
+        if self.sharded and list_checkpoints(self.ckpt_dir):
+            have, kind = "ddp", "step_*.pt files"
+        elif not self.sharded and list_sharded(self.ckpt_dir):
+            have, kind = "fsdp", "sharded step_*.dcp directories"
+        else:
+            return ""
+        return (
+            f"dist.strategy={self.cfg.dist.strategy}: {self.ckpt_dir} holds checkpoints of "
+            f"dist.strategy={have} ({kind}), which this strategy does not read; resume with "
+            f"dist.strategy={have}, or start afresh with checkpoint.resume=false"
+        )
 
     # ------------------------------------------------------------------------ close
 
