@@ -1,8 +1,8 @@
 """MoCo in the trainer: ``loss.queue_size`` and ``model.momentum``.
 
 - Config keys and what they refuse, naming the key.
-- :class:`~dist_infonce.trainer.moco.MomentumEncoder`: the EMA against float64, float32
-  under a bfloat16 model, no gradient, keys independent of the batch (eval mode).
+- :class:`~dist_infonce.trainer.moco.MomentumEncoder`: the EMA of the parameters against
+  float64 (buffers: its own), float32 under a bfloat16 model, no gradient.
 - On real gloo worlds (2 and 3 ranks, uneven batches): MoCo training through DDP
   (queue + EMA + learnable temperature) equals a one-process float64 replay; with the
   trainer's BatchNorm model the key encoder and the queue stay identical across ranks
@@ -84,33 +84,35 @@ def _siamese(dtype: torch.dtype = torch.float32) -> SiameseModel:
     )
 
 
-def test_ema_update_is_the_float64_ema_of_parameters_and_buffers() -> None:
+def test_ema_update_is_the_float64_ema_of_the_parameters() -> None:
+    """Parameters: m * ema + (1 - m) * online (float64 reference); buffers: the key
+    encoder's own (its forward in training updates them, the update does not)."""
     online = _siamese()
     enc = MomentumEncoder(online, 0.9)
     online.train()
+    enc.train()
     for step in range(3):
+        online(torch.randn(7, 6), torch.randn(7, 6))  # the online running statistics move
+        enc(torch.randn(5, 6))  # and the key encoder's, from its own batch
         before = copy.deepcopy(enc.model)
-        online(torch.randn(7, 6), torch.randn(7, 6))  # BatchNorm running statistics move
         with torch.no_grad():
             for p in online.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         enc.update(online)
-        states = zip(
-            before.state_dict().items(),
-            online.state_dict().items(),
-            enc.model.state_dict().items(),
-            strict=True,
-        )
-        for (name, b), (_, o), (_, e) in states:
-            if b.is_floating_point():
-                want = 0.9 * b.double() + 0.1 * o.double()
-                assert record_error("EMA update vs float64", e, want) <= 1e-6, (step, name)
-            else:
-                assert torch.equal(e, o), name  # num_batches_tracked: copied
+        after, src = dict(enc.model.named_parameters()), dict(online.named_parameters())
+        for name, b in before.named_parameters():
+            want = 0.9 * b.double() + 0.1 * src[name].double()
+            assert record_error("EMA update vs float64", after[name], want) <= 1e-6, (step, name)
+        for (name, b), (_, e) in zip(
+            before.named_buffers(), enc.model.named_buffers(), strict=True
+        ):
+            assert torch.equal(b, e), name  # the update leaves the buffers alone
+    bn = enc.model.encoder[1][1]
+    assert int(bn.num_batches_tracked) == 3  # one per key forward, none from the update
     assert not any(p.requires_grad for p in enc.parameters())
 
 
-def test_ema_of_a_bfloat16_model_is_float32_and_keys_ignore_the_batch() -> None:
+def test_ema_of_a_bfloat16_model_is_float32_without_gradient() -> None:
     online = _siamese(torch.bfloat16)
     enc = MomentumEncoder(online, 0.999)
     assert {t.dtype for t in enc.model.state_dict().values() if t.is_floating_point()} == {
@@ -127,13 +129,8 @@ def test_ema_of_a_bfloat16_model_is_float32_and_keys_ignore_the_batch() -> None:
         for e, b in zip(enc.model.parameters(), before.parameters(), strict=True)
     ]
     assert min(moved) > 5e-4, moved
-    enc.train()  # the Learner's .train() reaches it: it stays in eval mode
-    assert not enc.model.training
-    x = torch.randn(9, 6)
-    whole = enc(x)
-    one_by_one = torch.cat([enc(x[i : i + 1]) for i in range(9)])
-    assert torch.allclose(whole, one_by_one, atol=1e-6)  # no batch statistics
-    assert not whole.requires_grad
+    x = torch.randn(9, 6, requires_grad=True)
+    assert not enc(x).requires_grad
 
 
 # --------------------------------------------------------------- real gloo worlds
@@ -224,14 +221,17 @@ def test_trainer_pushes_every_micro_step_once_per_optimizer_step(
         accum = cfg.train.grad_accum_steps
         for step in range(cfg.train.steps):
             keys_before = copy.deepcopy(learner.key_encoder)
+            if keys_before is not None:
+                keys_before.train()
             online_before = copy.deepcopy(learner.model).train()
             trainer.train_step()
             expected = []
             for micro in range(accum):
                 x0, x1, _ = sample_batch(trainer.data, cfg, step=step, rank=0, micro=micro)
                 with torch.no_grad(), acc.autocast():
-                    if keys_before is not None:
-                        expected.append(keys_before(x1).float())
+                    if keys_before is not None:  # in micro-batches under caching
+                        rows = cfg.train.micro_batch_size or len(x1)
+                        expected += [keys_before(c).float() for c in x1.split(rows)]
                     else:  # keys of the online model as its forward (both views) saw them
                         expected.append(online_before(x0, x1)[1].float())
             expected = torch.cat(expected)
@@ -243,15 +243,13 @@ def test_trainer_pushes_every_micro_step_once_per_optimizer_step(
             if keys_before is None:
                 assert learner.key_encoder is None
                 continue
-            after = learner.key_encoder.model.state_dict()
-            online = learner.model.state_dict()
-            for name, b in keys_before.model.state_dict().items():
-                assert after[name].dtype == (torch.float32 if b.is_floating_point() else b.dtype)
-                if b.is_floating_point():
-                    want = momentum * b.double() + (1 - momentum) * online[name].double()
-                    assert (
-                        record_error("trainer: one EMA update per step", after[name], want) <= 1e-6
-                    )
+            after = dict(learner.key_encoder.model.named_parameters())
+            online = dict(learner.model.named_parameters())
+            for name, b in keys_before.model.named_parameters():
+                assert after[name].dtype == torch.float32 and not after[name].requires_grad
+                want = momentum * b.double() + (1 - momentum) * online[name].double()
+                err = record_error("trainer: one EMA update per step", after[name], want)
+                assert err <= 1e-6, (step, name, err)
     finally:
         trainer.close()
 

@@ -145,8 +145,8 @@ class Learner(nn.Module):
         :meth:`PairModel.encode`, under the same autocast as the prepared forward.
         """
         if self.key_encoder is not None:
-            # The keys first, micro-batch by micro-batch (no grad, eval mode: the same keys
-            # as one pass); cached_backward then runs the query tower alone.
+            # The keys first, micro-batch by micro-batch (no grad; BatchNorm normalises
+            # each micro-batch, as in the query tower); then the query tower alone.
             with accelerator.autocast():
                 keys = torch.cat([self.key_encoder(chunk) for chunk in x1.split(micro)])
             # cached_backward hands the loss half-precision outputs as float32.

@@ -10,18 +10,19 @@ fills from the online model's keys (a cross-batch memory).
 
 Choices, and why:
 
-- The key encoder runs in eval mode: its BatchNorm layers use their running statistics,
-  never the batch's. A key is then a function of its own input only, so no information
-  passes between the query's batch and the key's (the shortcut MoCo's "shuffling BN"
-  removes: with batch statistics the current keys carry a batch signature that tells
-  the positive from the queue's negatives), and the keys do not depend on how the batch
-  is split over ranks, micro-batches or accumulation steps.
-- The EMA covers the parameters and the floating-point buffers (BatchNorm's running
-  statistics: what eval mode needs), in float32 at least (float64 stays float64);
-  integer buffers are copied. The online buffers differ between ranks (each rank's
-  BatchNorm sees its own batch; DDP re-sends rank 0's only at the next forward), so
-  after the update rank 0's EMA buffers are broadcast: every rank holds the same key
-  encoder, and a checkpoint (rank 0's) restores exactly what every rank had.
+- The key encoder is MoCo's: the EMA covers the parameters (in float32 at least; float64
+  stays float64), and its BatchNorm layers run as the learner runs (in training: the
+  statistics of the key batch, and running statistics updated by its own forward). An
+  eval-mode key encoder (running statistics EMA'd or copied from the online model) was
+  tried first and measured worse on the digits (docs/moco.md): statistics gathered
+  under the online weights do not fit the averaged weights, and the keys degrade.
+- The running statistics of the key encoder differ between ranks (each normalises its
+  own batch), so after every update rank 0's buffers are broadcast: every rank holds
+  the same key encoder, and a checkpoint (rank 0's) restores exactly what every rank
+  had. (In training they do not change the keys: batch statistics are used.)
+- MoCo's "shuffling BN" is not done: the keys of this step share their batch's
+  statistics, a signature the queue's older keys lack. On the digits this has not hurt
+  (docs/moco.md); models without BatchNorm in the key path do not have it.
 - The loss against the queue is computed without gathering (the queue is already the
   same on every rank; gathering it would send it world_size times) and normalised by
   the global number of rows (one all-reduce of one integer), so that the gradient
@@ -57,12 +58,12 @@ def _ema_dtype(t: torch.Tensor) -> torch.Tensor:
 
 
 class MomentumEncoder(nn.Module):
-    """MoCo's key encoder: an EMA copy of a :class:`PairModel`, always in eval mode.
+    """MoCo's key encoder: an EMA copy of a :class:`PairModel`, without gradient.
 
     Args:
         model: the online model; copied at construction (MoCo starts the key encoder as
             a copy of the query encoder).
-        momentum: m in ``ema = m * ema + (1 - m) * online``, in (0, 1).
+        momentum: m in ``ema = m * ema + (1 - m) * online`` (parameters), in (0, 1).
         group: the ranks that share the model; None: the world (rank 0's buffers are
             broadcast to it after every update).
 
@@ -81,12 +82,7 @@ class MomentumEncoder(nn.Module):
             raise ValueError(f"MomentumEncoder: momentum must be in (0, 1), got {momentum!r}")
         self.momentum = float(momentum)
         self.group = group
-        self.model = copy.deepcopy(model)._apply(_ema_dtype).requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> MomentumEncoder:
-        super().train(mode)
-        self.model.eval()  # see the module docstring: never batch statistics
-        return self
+        self.model = copy.deepcopy(model)._apply(_ema_dtype).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -94,33 +90,24 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
-        """``ema = m * ema + (1 - m) * online`` for every parameter and floating buffer
-        of ``online`` (integer buffers copied), then rank 0's buffers to every rank.
+        """``ema = m * ema + (1 - m) * online`` for every parameter of ``online``, then
+        rank 0's buffers (the key encoder's own running statistics) to every rank.
 
         Call it once per optimizer step, after ``optimizer.step()``, on every rank.
 
         Raises:
-            ValueError: ``online`` does not have the copy's parameters and buffers.
+            ValueError: ``online`` does not have the copy's parameters.
         """
         weight = 1.0 - self.momentum
-        pairs = [
-            (self.model.named_parameters(), online.named_parameters()),
-            (self.model.named_buffers(), online.named_buffers()),
-        ]
-        for ema_named, online_named in pairs:
-            ema, src = dict(ema_named), dict(online_named)
-            if ema.keys() != src.keys():
-                raise ValueError(
-                    "MomentumEncoder.update: the online model's tensors "
-                    f"{sorted(set(src) ^ set(ema))[:4]} do not match the key encoder's"
-                )
-            for name, e in ema.items():
-                p = src[name].detach()
-                if e.is_floating_point():
-                    # lerp: e + w (p - e) = m e + (1 - m) p, in the EMA's dtype.
-                    e.lerp_(p.to(e.dtype), weight)
-                else:
-                    e.copy_(p)
+        ema, src = dict(self.model.named_parameters()), dict(online.named_parameters())
+        if ema.keys() != src.keys():
+            raise ValueError(
+                "MomentumEncoder.update: the online model's parameters "
+                f"{sorted(set(src) ^ set(ema))[:4]} do not match the key encoder's"
+            )
+        for name, e in ema.items():
+            # lerp: e + w (p - e) = m e + (1 - m) p, in the EMA's dtype.
+            e.lerp_(src[name].detach().to(e.dtype), weight)
         self._broadcast_buffers()
 
     def _broadcast_buffers(self) -> None:
