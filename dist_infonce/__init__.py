@@ -3,11 +3,13 @@
 from dist_infonce.cache import cached_backward
 from dist_infonce.dist import GatherLayer, all_gather_with_grad
 from dist_infonce.losses import InfoNCE, NTXent, info_nce, nt_xent
+from dist_infonce.negatives import NegativeQueue
 
 __all__ = [
     "GatherLayer",
     "InfoNCE",
     "NTXent",
+    "NegativeQueue",
     "all_gather_with_grad",
     "cached_backward",
     "info_nce",

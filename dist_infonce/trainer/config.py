@@ -133,6 +133,10 @@ class LossConfig:
     num_negatives: int = 0
     """Extra explicit negatives per rank for kind=info_nce, drawn from the data's view 1
     and shared by all queries (pooled over ranks with ``gather``); 0 = in-batch only."""
+    queue_size: int = 0
+    """MoCo's queue (kind=info_nce): > 0 keeps the last this many keys of every rank in a
+    dist_infonce.NegativeQueue and uses them as the negatives (positive + queue), pushed
+    once per optimizer step; 0 = off (in-batch negatives). See docs/moco.md."""
     supervised: bool = False
     """Supervised contrastive (SupCon): samples with the same class label are positives
     of each other (the loss's ``labels=``); needs a data set with labels (digits)."""
@@ -170,6 +174,10 @@ class ModelConfig:
     """digits_cnn | mlp | two_tower | a user encoder ``module:callable`` (see models.py)."""
     embedding_dim: int = 64
     """Output dimension of the projection head: the vectors the loss compares."""
+    momentum: float = 0.0
+    """MoCo's momentum (EMA) key encoder: > 0 computes view 1's keys with an EMA copy of
+    the model (no gradient), updated after every optimizer step as
+    ``ema = momentum * ema + (1 - momentum) * online`` (e.g. 0.99, 0.999); 0 = off."""
     feature_dim: int = 128
     """Encoder output dimension (the frozen features of the digits linear probe and kNN)."""
     hidden_dim: int = 256
@@ -607,6 +615,7 @@ def validate(cfg: Config) -> None:
         "loss.supervised",
         "labels define the positives among in-batch samples; set loss.num_negatives=0",
     )
+    _check_moco(cfg)
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
     _check(cfg.data.noise >= 0, "data.noise", f"must be >= 0, got {cfg.data.noise}")
     for key in ("latent_dim", "dim_a", "dim_b", "num_eval"):
@@ -633,6 +642,40 @@ def validate(cfg: Config) -> None:
     for key, name in (("data.name", cfg.data.name), ("model.name", cfg.model.name)):
         if ":" in name:
             _check_import_path(key, name)
+
+
+def _check_moco(cfg: Config) -> None:
+    """``loss.queue_size`` and ``model.momentum``: ranges and the options they combine with."""
+    lo, m = cfg.loss, cfg.model.momentum
+    _check(lo.queue_size >= 0, "loss.queue_size", f"must be >= 0 (0 = off), got {lo.queue_size}")
+    _check(0 <= m < 1, "model.momentum", f"must be in [0, 1) (0 = off), got {m}")
+    for key, on in (("loss.queue_size", lo.queue_size > 0), ("model.momentum", m > 0)):
+        if not on:
+            continue
+        _check(
+            lo.kind == "info_nce",
+            key,
+            f"MoCo's query -> key loss needs loss.kind=info_nce (got {lo.kind})",
+        )
+        _check(
+            lo.num_negatives == 0,
+            key,
+            "explicit negatives (loss.num_negatives) and MoCo's keys do not mix; "
+            "set loss.num_negatives=0",
+        )
+    if lo.queue_size > 0:
+        _check(
+            not lo.supervised,
+            "loss.queue_size",
+            "labels define positives among in-batch samples, not in the queue; "
+            "set loss.supervised=false",
+        )
+        _check(
+            lo.gather,
+            "loss.queue_size",
+            "the queue holds the keys of every rank (one queue for the world); "
+            "loss.gather=false has no meaning with it, set loss.gather=true",
+        )
 
 
 def _get(cfg: Config, key: str) -> Any:

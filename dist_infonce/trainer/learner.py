@@ -1,8 +1,8 @@
 """The model and the loss as one module (:class:`Learner`), and how the trainer builds it.
 
 This is where what the loss sees is decided: the pair of embeddings, the explicit
-negatives, the labels. A momentum (EMA) key encoder or a queue of negatives would
-live here too, beside the loss they feed.
+negatives, the labels, and, for MoCo, the keys of the momentum (EMA) key encoder and
+the queue of negatives (:mod:`~dist_infonce.trainer.moco`), beside the loss they feed.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_infonce import InfoNCE, NTXent, cached_backward
+from dist_infonce import InfoNCE, NegativeQueue, NTXent, cached_backward
 from dist_infonce.trainer.config import Config, ConfigError, LossConfig
 from dist_infonce.trainer.data import ContrastiveData
-from dist_infonce.trainer.models import PairModel, build_model
+from dist_infonce.trainer.moco import MomentumEncoder, QueryTower, QueueLoss, build_queue_loss
+from dist_infonce.trainer.models import PairModel, TwoTowerModel, build_model
 
 __all__ = ["Learner", "build_learner", "build_loss", "check_kernel"]
 
@@ -50,24 +51,39 @@ class Learner(nn.Module):
 
     Args:
         model: ``forward(x0, x1) -> (z0, z1)``.
-        loss_fn: from :func:`build_loss`.
+        loss_fn: from :func:`build_loss` (or a :class:`QueueLoss`, ``loss.queue_size``).
         kind: ``cfg.loss.kind``.
+        key_encoder: MoCo's EMA key encoder (``model.momentum``): the keys of view 1
+            come from it, without gradient, and the model encodes view 0 only.
 
     Shape:
         x0: (B, *in0); x1: (B + M, *in1), the last M rows being explicit negatives
         (``info_nce`` only); labels: None or (B,) int64 (``loss.supervised``).
         Output: () the loss.
+
+    With a queue or a key encoder, call :meth:`end_step` once per optimizer step.
     """
 
-    def __init__(self, model: PairModel, loss_fn: nn.Module, kind: str) -> None:
+    def __init__(
+        self,
+        model: PairModel,
+        loss_fn: nn.Module,
+        kind: str,
+        *,
+        key_encoder: MomentumEncoder | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.kind = kind
+        self.key_encoder = key_encoder
 
     def forward(
         self, x0: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.key_encoder is not None:
+            q = self.model.encode(x0, 0)
+            return self.loss_fn(q, self.key_encoder(x1).to(q.dtype), labels=labels)
         z0, z1 = self.model(x0, x1)
         n = len(z0)
         if self.kind == "info_nce":
@@ -79,6 +95,36 @@ class Learner(nn.Module):
     def temperature(self) -> float:
         """The current temperature (learnable or fixed)."""
         return float(torch.as_tensor(self.loss_fn.temperature).detach())
+
+    @property
+    def queue(self) -> NegativeQueue | None:
+        """MoCo's queue of negatives (``loss.queue_size``), or None."""
+        return self.loss_fn.queue if isinstance(self.loss_fn, QueueLoss) else None
+
+    def cache_tower(self) -> nn.Module:
+        """What DDP wraps under gradient caching: the model, or, with a key encoder, its
+        view-0 tower alone (:class:`QueryTower`: the model encodes no keys then)."""
+        return self.model if self.key_encoder is None else QueryTower(self.model)
+
+    def end_step(self, *, taken: bool) -> None:
+        """After the optimizer step (a collective with a queue or a key encoder): the EMA
+        update, then the push of every micro-step's keys; a step not taken (a non-finite
+        value skipped on every rank) changes neither."""
+        if taken and self.key_encoder is not None:
+            self.key_encoder.update(self.model)
+        if isinstance(self.loss_fn, QueueLoss):
+            if taken:
+                self.loss_fn.push()
+            else:
+                self.loss_fn.discard()
+
+    def log_values(self) -> dict[str, float]:
+        """``queue/size`` (rows held) and ``queue/age`` (optimizer steps since the oldest
+        was pushed) with a queue; {} without. The same on every rank."""
+        queue = self.queue
+        if queue is None:
+            return {}
+        return {"queue/size": queue.filled, "queue/age": queue.age}
 
     def cached_backward(
         self,
@@ -98,6 +144,15 @@ class Learner(nn.Module):
         negatives (the rows of ``x1`` past ``len(x0)``) are a second tower through
         :meth:`PairModel.encode`, under the same autocast as the prepared forward.
         """
+        if self.key_encoder is not None:
+            # The keys first, micro-batch by micro-batch (no grad; BatchNorm normalises
+            # each micro-batch, as in the query tower); then the query tower alone.
+            with accelerator.autocast():
+                keys = torch.cat([self.key_encoder(chunk) for chunk in x1.split(micro)])
+            # cached_backward hands the loss half-precision outputs as float32.
+            keys = keys.to(torch.promote_types(keys.dtype, torch.float32))
+            loss_fn = functools.partial(self.loss_fn, positive_key=keys, labels=labels)
+            return cached_backward(model, loss_fn, x0, micro, scaler=accelerator.scaler)
         n = len(x0)
         towers: list[Any] = [model]
         inputs: list[Any] = [(x0, x1[:n])]
@@ -135,7 +190,25 @@ def build_learner(cfg: Config, data: ContrastiveData) -> Learner:
             f"train.micro_batch_size with loss.num_negatives needs {type(model).__name__}"
             ".encode(x, view) (the projection of one view; see PairModel)"
         )
-    return Learner(model, build_loss(cfg.loss), cfg.loss.kind)
+    key_encoder = None
+    if cfg.model.momentum > 0:
+        if isinstance(model, TwoTowerModel) or type(model).encode is PairModel.encode:
+            raise ConfigError(
+                f"model.momentum: the key encoder is an EMA copy of the query encoder, so "
+                f"one encoder must serve both views through encode(x, view); "
+                f"{type(model).__name__} "
+                + (
+                    "has one tower per view"
+                    if isinstance(model, TwoTowerModel)
+                    else "has no encode"
+                )
+            )
+        key_encoder = MomentumEncoder(model, cfg.model.momentum)
+    if cfg.loss.queue_size > 0:
+        loss_fn: nn.Module = build_queue_loss(cfg.loss, cfg.model.embedding_dim)
+    else:
+        loss_fn = build_loss(cfg.loss)
+    return Learner(model, loss_fn, cfg.loss.kind, key_encoder=key_encoder)
 
 
 def check_kernel(cfg: LossConfig, device: torch.device) -> None:

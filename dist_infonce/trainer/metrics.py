@@ -2,8 +2,8 @@
 
 One row per logged step (``step``, ``loss``, ``lr``, ``temperature``,
 ``samples_per_s``, ``world_size``, ``global_batch``, ``micro_batch_size``,
-``peak_mem_mb``, ``time_s``, and ``grad_norm`` / ``nonfinite_skipped`` when they
-apply) and one evaluation row (``eval/*``). The same rows go to W&B under the same
+``peak_mem_mb``, ``time_s``, and ``grad_norm`` / ``nonfinite_skipped`` /
+``queue/size`` / ``queue/age`` when they apply) and one evaluation row (``eval/*``). The same rows go to W&B under the same
 step; the final evaluation also goes to the run's summary.
 """
 

@@ -229,7 +229,9 @@ class Trainer:
             # Gradient caching: DDP wraps the encoders only; the loss module runs once per
             # step outside it (beside DDP it averages its learnable temperature's gradient itself).
             learner.to(self.device)
-            self.encoder, self.optimizer = self.accelerator.prepare(learner.model, optimizer)
+            self.encoder, self.optimizer = self.accelerator.prepare(
+                learner.cache_tower(), optimizer
+            )
             self.learner = learner
         self.unwrapped = self.accelerator.unwrap_model(self.learner)
 
@@ -317,6 +319,8 @@ class Trainer:
                     grad_norm = clip(unwrapped.parameters(), cfg.train.grad_clip)
                 if ok:
                     self.optimizer.step()
+                if acc.sync_gradients:  # MoCo: EMA update and queue push, once per step
+                    unwrapped.end_step(taken=ok)
                 self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
         self.scheduler.step()
@@ -349,6 +353,7 @@ class Trainer:
         }
         if result.grad_norm is not None:
             row["grad_norm"] = float(result.grad_norm)
+        row.update(self.unwrapped.log_values())
         if not result.ok:
             row["nonfinite_skipped"] = 1
         self.metrics.log(row)
