@@ -45,6 +45,7 @@ from tests.conftest import record_error
         (["loss.queue_size=8", "loss.kind=info_nce", "loss.num_negatives=4"], r"loss.queue_size: explicit negatives"),
         (["loss.queue_size=8", "loss.kind=info_nce", "loss.supervised=true"], r"loss.queue_size: labels define positives"),
         (["loss.queue_size=8", "loss.kind=info_nce", "loss.gather=false"], r"loss.queue_size: the queue holds the keys of every rank"),
+        (["model.momentum=0.9", "loss.kind=info_nce", "dist.strategy=fsdp"], r"model.momentum: the momentum key encoder is an unsharded EMA copy"),
     ],
 )  # fmt: skip
 def test_config_refuses_what_moco_cannot_do(overrides: list[str], message: str) -> None:

@@ -663,6 +663,12 @@ def _check_moco(cfg: Config) -> None:
             "explicit negatives (loss.num_negatives) and MoCo's keys do not mix; "
             "set loss.num_negatives=0",
         )
+    _check(
+        m == 0 or cfg.dist.strategy != "fsdp",
+        "model.momentum",
+        "the momentum key encoder is an unsharded EMA copy; it does not run with "
+        "dist.strategy=fsdp yet (use dist.strategy=ddp, or model.momentum=0 with a queue)",
+    )
     if lo.queue_size > 0:
         _check(
             not lo.supervised,
