@@ -18,6 +18,7 @@ from torch import nn
 from dist_infonce import InfoNCE, NTXent, cached_backward
 from dist_infonce.trainer.config import Config, ConfigError, LossConfig
 from dist_infonce.trainer.data import ContrastiveData
+from dist_infonce.trainer.loader import MapSource, ShardSource
 from dist_infonce.trainer.models import PairModel, build_model
 
 __all__ = ["Learner", "build_learner", "build_loss", "check_kernel"]
@@ -115,7 +116,7 @@ class Learner(nn.Module):
         return cached_backward(towers, loss_fn, inputs, micro, scaler=accelerator.scaler)
 
 
-def build_learner(cfg: Config, data: ContrastiveData) -> Learner:
+def build_learner(cfg: Config, data: ContrastiveData | MapSource | ShardSource) -> Learner:
     """The model of ``cfg.model`` for ``data``'s input shapes with the loss of ``cfg.loss``.
 
     Parameters are initialised from torch's global RNG: seed it first (the trainer
@@ -125,7 +126,7 @@ def build_learner(cfg: Config, data: ContrastiveData) -> Learner:
         ConfigError: a model or loss option that cannot be built, or explicit negatives
             under gradient caching with a model that has no ``encode``.
     """
-    model = build_model(cfg.model, data.input_shapes)
+    model = build_model(cfg.model, data.input_shapes, getattr(data, "input_kinds", None))
     if (
         cfg.train.micro_batch_size is not None
         and cfg.loss.num_negatives
