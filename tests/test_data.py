@@ -209,6 +209,53 @@ def test_table_formats_read_the_same_rows(pairs: dict[str, Path], tmp_path: Path
     ).where(41)
 
 
+def test_image_columns_of_bytes_and_paths(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """A datasets Image() column (save_to_disk stores the bytes), a binary column, and an
+    (bytes, path) struct column holding paths only: the same pixels as the PNG files."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = pq.read_table(pairs["table"]).to_pandas().iloc[:6]
+    files = [str(pairs["images"] / n) for n in df["image"]]
+    blobs = [Path(f).read_bytes() for f in files]
+    captions = list(df["caption"])
+    for name, value in (("image", datasets.Image()), ("binary", datasets.Value("binary"))):
+        features = datasets.Features({"image": value, "caption": datasets.Value("string")})
+        column = [{"bytes": b, "path": None} for b in blobs] if name == "image" else blobs
+        ds = datasets.Dataset.from_dict({"image": column, "caption": captions}, features=features)
+        ds.save_to_disk(str(tmp_path / name))
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for name, paths in (("paths", files), ("missing", [str(tmp_path / "gone.png"), *files[1:]])):
+        column = pa.array([{"bytes": None, "path": f} for f in paths], type=struct)
+        pq.write_table(
+            pa.table({"image": column, "caption": captions}), tmp_path / f"{name}.parquet"
+        )
+    ref = TableSource(table_cfg(pairs, "data.label_column=null").data)
+    for path in ("image", "binary", "paths.parquet"):
+        cfg = table_cfg(
+            pairs, f"data.path={tmp_path / path}", "data.image_root=null", "data.label_column=null"
+        )
+        src = TableSource(cfg.data)
+        assert src.input_kinds == ("image", "text"), path
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            got = src.fetch(range(6), [], torch.Generator())
+            torch.manual_seed(1)
+            want = ref.fetch(range(6), [], torch.Generator())
+        assert torch.equal(got.x0, want.x0) and torch.equal(got.x1, want.x1), path
+    cfg = table_cfg(
+        pairs,
+        f"data.path={tmp_path / 'missing.parquet'}",
+        "data.image_root=null",
+        "data.label_column=null",
+    )
+    with pytest.raises(
+        ConfigError, match=r"1 of 6 images of column 'image' are missing; the first, .* row 0"
+    ):
+        TableSource(cfg.data)
+
+
 def test_table_column_kinds(tmp_path: Path) -> None:
     """Numeric lists are vectors, strings text, bytes images; text tokenises the same in a
     process with another hash seed (the n-gram hash is not Python's)."""

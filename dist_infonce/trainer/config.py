@@ -205,7 +205,9 @@ class ModelConfig:
     """The encoder(s) and projection head(s) (dist_infonce.trainer.models)."""
 
     name: str = "digits_cnn"
-    """digits_cnn | mlp | two_tower | a user encoder ``module:callable`` (see models.py)."""
+    """digits_cnn | mlp (one MLP encoder shared by both views) | two_tower (one encoder per
+    view: an MLP for vectors, a small CNN for images, an embedding bag for text) | a user
+    encoder ``module:callable`` (see models.py)."""
     embedding_dim: int = 64
     """Output dimension of the projection head: the vectors the loss compares."""
     feature_dim: int = 128
@@ -215,7 +217,7 @@ class ModelConfig:
     depth: int = 2
     """Linear layers of the MLP encoders (mlp, two_tower)."""
     width: int = 32
-    """Channels of the first convolution of digits_cnn."""
+    """Channels of the first convolution of digits_cnn and of two_tower's image encoder."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments passed to a user ``module:callable`` encoder."""
 
@@ -295,7 +297,8 @@ class Config:
     output_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl and checkpoints/ go; re-using it resumes."""
     seed: int = 0
-    """Seeds model init and every batch (batches are a function of seed, step and rank)."""
+    """Seeds model init, every epoch's order and every batch's augmentation (batches are a
+    function of seed, epoch and position; without epochs, of seed, step and rank)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
     loss: LossConfig = field(default_factory=LossConfig)

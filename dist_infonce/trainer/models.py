@@ -149,11 +149,11 @@ def build_model(
     Built-ins:
         ``digits_cnn``: :class:`DigitsCNN` encoder + 2-layer MLP head (SimCLR), for
         (1, 8, 8) images.
-        ``mlp``: one encoder shared by both views + 2-layer MLP head; both views must
-        be of the same kind and shape.
-        ``two_tower``: one encoder + head per view (inputs may differ).
-        The encoder of a view follows its kind (:func:`~dist_infonce.trainer.towers.encoder_for`):
-        an MLP on flattened vectors, a small CNN for images, an embedding bag for text.
+        ``mlp``: one MLP encoder shared by both views (on flattened inputs; text first
+        through an embedding bag) + 2-layer MLP head; both views of the same kind and shape.
+        ``two_tower``: one encoder + head per view (inputs may differ), by the view's kind
+        (:func:`~dist_infonce.trainer.towers.encoder_for`): an MLP on flattened vectors,
+        a small CNN for images, an embedding bag + MLP for text.
 
     Args:
         cfg: the ``model`` section.
@@ -186,7 +186,10 @@ def build_model(
                 f"model.name=mlp shares one encoder, but the views have {d_in[0]} and "
                 f"{d_in[1]} elements ({kinds[0]}, {kinds[1]}); use model.name=two_tower"
             )
-        return SiameseModel(encoder_for(kinds[0], tuple(input_shapes[0]), cfg), proj())
+        # An MLP on flattened inputs (images included, as it always was); text needs an
+        # embedding of its token ids first.
+        kind = "text" if kinds[0] == "text" else "vector"
+        return SiameseModel(encoder_for(kind, tuple(input_shapes[0]), cfg), proj())
     if cfg.name == "two_tower":
         towers = [
             encoder_for(k, tuple(shape), cfg) for k, shape in zip(kinds, input_shapes, strict=True)

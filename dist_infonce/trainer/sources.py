@@ -323,38 +323,47 @@ class TableSource:
                     f"data.columns: column {name!r} mixes image file names and other text: "
                     f"{self.where(row)} is {col[row].as_py()!r}"
                 )
-            paths = [str(root / p) for p in col.to_pylist()]
-            self._check_files(name, paths)
-            return _Column("image", lambda r, p=paths: p[r])
+            self._check_files(name, [str(root / p) for p in col.to_pylist()])
+            # The names stay in Arrow (see the module doc); the path is joined per row.
+            return _Column("image", lambda r, c=col, d=root: str(d / c[r].as_py()))
         if pa.types.is_binary(tp) or pa.types.is_large_binary(tp):
             return _Column("image", lambda r, c=col: c[r].as_py())
         if pa.types.is_struct(tp) and {"bytes", "path"} <= {f.name for f in tp}:
             # A datasets Image() column: the encoded bytes, or a path when there are none.
-            raw = col.to_pylist()
-            missing = [r for r, v in enumerate(raw) if v["bytes"] is None and v["path"] is None]
-            if missing:
+            base = root or Path("/")
+            blobs, names = col.field("bytes"), col.field("path")
+            no_bytes = blobs.is_null().to_numpy(zero_copy_only=False)
+            empty = no_bytes & names.is_null().to_numpy(zero_copy_only=False)
+            if empty.any():
+                row = self._first(empty)
                 raise ConfigError(
-                    f"data.columns: image column {name!r} is empty at {self.where(missing[0])}"
+                    f"data.columns: image column {name!r} is empty at {self.where(row)}"
                 )
-            paths = [str((root or Path("/")) / v["path"]) for v in raw if v["bytes"] is None]
-            self._check_files(name, paths)
-            values = [
-                v["bytes"] if v["bytes"] is not None else str((root or Path("/")) / v["path"])
-                for v in raw
+            wanted = [
+                str(base / n) if use else ""
+                for n, use in zip(names.to_pylist(), no_bytes, strict=True)
             ]
-            return _Column("image", lambda r, v=values: v[r])
+            self._check_files(name, wanted)
+
+            def image(r: int, b: Any = blobs, n: Any = names, d: Path = base) -> Any:
+                value = b[r].as_py()
+                return value if value is not None else str(d / n[r].as_py())
+
+            return _Column("image", image)
         raise ConfigError(
             f"data.columns: column {name!r} is {tp}; a view is a list of numbers (vector), "
             "a string (text, or image file names with data.image_root) or image bytes"
         )
 
     def _check_files(self, name: str, paths: Sequence[str]) -> None:
-        missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+        """Every image file is there (``""``: a row whose image is held as bytes). Whether
+        it reads is known only when it is decoded."""
+        missing = [i for i, p in enumerate(paths) if p and not os.path.isfile(p)]
         if missing:
             first = missing[0]
             raise ConfigError(
-                f"data.image_root: {len(missing)} of {len(paths)} images of column {name!r} "
-                f"are missing; the first, {self.where(first)}: {paths[first]!r}"
+                f"data.image_root: {len(missing)} of {sum(map(bool, paths))} images of column "
+                f"{name!r} are missing; the first, {self.where(first)}: {paths[first]!r}"
             )
 
     def _label_array(self, table: Any, name: str) -> np.ndarray:
@@ -470,9 +479,7 @@ def _key(value: Any) -> Any:
 def _hit_rate(best: torch.Tensor, keys0: Sequence[Any], keys1: Sequence[Any]) -> float:
     """Fraction of queries ``i`` whose retrieved row ``j = best[i]`` is row ``i``'s pair up to
     repeated values: the same view-0 value or the same view-1 value as row ``i``."""
-    hits = sum(
-        keys0[j] == keys0[i] or keys1[j] == keys1[i] for i, j in enumerate(best.tolist())
-    )
+    hits = sum(keys0[j] == keys0[i] or keys1[j] == keys1[i] for i, j in enumerate(best.tolist()))
     return hits / len(best)
 
 
