@@ -31,7 +31,7 @@ from dist_infonce.trainer.loader import (
     ShardPlan,
     build_stream,
 )
-from dist_infonce.trainer.sources import TableSource, WebDatasetSource
+from dist_infonce.trainer.sources import TableSource, WebDatasetSource, pair_recall
 from dist_infonce.trainer.transforms import HashedNgramTokenizer
 from examples.make_digits_pairs import make_digits_pairs
 from tests.test_train import REPO
@@ -599,3 +599,27 @@ def test_webdataset_shard_list_order_and_uneven_ranks(pairs: dict[str, Path]) ->
     assert sorted(sum(x) for x in sizes) == [32, 68] or sorted(sum(x) for x in sizes) == [34, 66]
     got = [[len(s.next().ids) for _ in range(steps)] for s in (s0, s1)]
     assert got == sizes and min(min(x) for x in got) >= 1
+
+
+def test_pair_recall_counts_repeated_values_as_hits(pairs: dict[str, Path]) -> None:
+    """A retrieved row is a hit when it shares the query row's view-0 or view-1 value; the
+    table's and the shards' evaluations run on their first rows with the eval transforms."""
+    t = torch.tensor
+    x0 = [t([1.0, 0.0]), t([0.0, 1.0]), t([1.0, 0.0])]
+    x1 = [t([1.0, 0.0]), t([0.0, 1.0]), t([0.6, 0.8])]
+    res = pair_recall(lambda x, v: x, x0, x1, ["a", "b", "c"], ["seven", "one", "seven"])
+    # a2b: row 2 retrieves caption 0 ("seven" too): a hit. b2a: caption 2 retrieves image 1.
+    assert res["eval/train_recall@1_a2b"] == 1.0
+    assert res["eval/train_recall@1_b2a"] == pytest.approx(2 / 3)
+    assert res["eval/train_recall@1"] == pytest.approx(5 / 6)
+    g = torch.Generator().manual_seed(0)
+    table = {}
+    for cfg in (table_cfg(pairs), shard_cfg(pairs)):
+        src = build_data(cfg.data, model=cfg.model)
+        shapes = []
+        table[cfg.data.name] = src.evaluate(
+            lambda x, v, s=shapes: s.append(tuple(x.shape)) or torch.randn(len(x), 4, generator=g)
+        )
+        assert shapes == [(100, 3, 32, 32), (100, 128)], cfg.data.name
+    for res in table.values():
+        assert 0.0 <= res["eval/train_recall@1"] <= 1.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import glob
 import io
+import itertools
 import os
 import random
 import re
@@ -52,6 +53,7 @@ __all__ = [
     "TableSource",
     "WebDatasetSource",
     "expand_shards",
+    "pair_recall",
     "read_table",
 ]
 
@@ -438,16 +440,11 @@ class TableSource:
     # -------------------------------------------------------------- evaluation
 
     def evaluate(self, embed: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[str, float]:
-        """Retrieval recall@1 between the two views over the first :data:`EVAL_ROWS` rows.
+        """Retrieval recall@1 between the two views over the first :data:`EVAL_ROWS` rows
+        (:func:`pair_recall`).
 
         These are training rows (a table has no held-out split): a check that the towers
-        learnt to match the pairs, not a generalisation score. A retrieved row counts as
-        a hit when it has the query row's view-0 or view-1 value (every image captioned
-        "a photo of the digit seven" answers that caption); unreadable rows are left out.
-
-        Returns:
-            ``eval/train_recall@1`` (mean of both directions), ``..._a2b`` (view 0 queries
-            view 1), ``..._b2a``; fractions in [0, 1].
+        learnt to match the pairs, not a generalisation score; unreadable rows are left out.
         """
         t = self.eval_transforms
         x0, x1, keys0, keys1 = [], [], [], []
@@ -460,15 +457,35 @@ class TableSource:
             x1.append(b)
             keys0.append(_key(self._views[0].get(row)))
             keys1.append(_key(self._views[1].get(row)))
-        e0 = F.normalize(embed(torch.stack(x0), 0).float(), dim=1)
-        e1 = F.normalize(embed(torch.stack(x1), 1).float(), dim=1)
-        a2b = _hit_rate((e0 @ e1.T).argmax(dim=1), keys0, keys1)
-        b2a = _hit_rate((e1 @ e0.T).argmax(dim=1), keys0, keys1)
-        return {
-            "eval/train_recall@1": (a2b + b2a) / 2,
-            "eval/train_recall@1_a2b": a2b,
-            "eval/train_recall@1_b2a": b2a,
-        }
+        return pair_recall(embed, x0, x1, keys0, keys1)
+
+
+def pair_recall(
+    embed: Callable[[torch.Tensor, int], torch.Tensor],
+    x0: Sequence[torch.Tensor],
+    x1: Sequence[torch.Tensor],
+    keys0: Sequence[Any],
+    keys1: Sequence[Any],
+) -> dict[str, float]:
+    """Retrieval recall@1 between the views of training pairs (the sources' evaluation).
+
+    A retrieved row counts as a hit when it has the query row's view-0 or view-1 value
+    (``keys0``, ``keys1``: every image captioned "a photo of the digit seven" answers
+    that caption).
+
+    Returns:
+        ``eval/train_recall@1`` (mean of both directions), ``..._a2b`` (view 0 queries
+        view 1), ``..._b2a``; fractions in [0, 1].
+    """
+    e0 = F.normalize(embed(torch.stack(list(x0)), 0).float(), dim=1)
+    e1 = F.normalize(embed(torch.stack(list(x1)), 1).float(), dim=1)
+    a2b = _hit_rate((e0 @ e1.T).argmax(dim=1), keys0, keys1)
+    b2a = _hit_rate((e1 @ e0.T).argmax(dim=1), keys0, keys1)
+    return {
+        "eval/train_recall@1": (a2b + b2a) / 2,
+        "eval/train_recall@1_a2b": a2b,
+        "eval/train_recall@1_b2a": b2a,
+    }
 
 
 def _key(value: Any) -> Any:
@@ -608,6 +625,10 @@ class WebDatasetSource:
             view_transform(k, view=i, train=True, model=model, dim=d)
             for i, (k, d) in enumerate(zip(kinds, dims, strict=True))
         ]
+        self.eval_transforms = [
+            view_transform(k, view=i, train=False, model=model, dim=d)
+            for i, (k, d) in enumerate(zip(kinds, dims, strict=True))
+        ]
         self.input_shapes = (self.transforms[0].shape, self.transforms[1].shape)
         self.has_labels = self.label_key is not None
         self.may_fail = True
@@ -675,7 +696,27 @@ class WebDatasetSource:
             wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=random.Random(seed))(complete)
         )
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def evaluate(self, embed: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[str, float]:
+        """Retrieval recall@1 between the two views over the first :data:`EVAL_ROWS`
+        samples of the shard list, in its order (training samples: see
+        :func:`pair_recall`); unreadable samples are left out."""
+        x0, x1, keys0, keys1 = [], [], [], []
+        samples = self.samples(range(len(self.urls)), seed=0, shuffle=False)
+        for sample in itertools.islice(samples, EVAL_ROWS):
+            try:
+                a, b, _ = self._decode(sample, self.eval_transforms)
+            except BadSample:
+                continue
+            x0.append(a)
+            x1.append(b)
+            keys0.append(self._raw(sample, 0))
+            keys1.append(self._raw(sample, 1))
+        return pair_recall(embed, x0, x1, keys0, keys1)
+
+    def _decode(
+        self, sample: dict[str, Any], transforms: Sequence[ViewTransform] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        transforms = self.transforms if transforms is None else transforms
         out = []
         for view, kind in enumerate(self.input_kinds):
             raw = self._raw(sample, view)
@@ -689,7 +730,7 @@ class WebDatasetSource:
                     value = self._vector(raw)
                 else:
                     value = raw
-                out.append(self.transforms[view](value))
+                out.append(transforms[view](value))
             except BadSample as e:
                 key = next(a for a in self.views[view] if a in sample)
                 raise BadSample(f"{self._name(sample)}.{key}: {e}") from None
