@@ -623,3 +623,58 @@ def test_pair_recall_counts_repeated_values_as_hits(pairs: dict[str, Path]) -> N
         assert shapes == [(100, 3, 32, 32), (100, 128)], cfg.data.name
     for res in table.values():
         assert 0.0 <= res["eval/train_recall@1"] <= 1.0
+
+
+@pytest.mark.parametrize("source", ["table", "webdataset"])
+def test_trainer_with_gradient_caching_and_labels(
+    source: str, pairs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Trainer in this process on a file source with train.micro_batch_size (image and
+    token-id batches through cached_backward) and loss.supervised (the label column):
+    finite losses, the epochs' step count, the epoch logged."""
+    from dist_infonce.trainer import Trainer
+
+    monkeypatch.delenv("DIST_INFONCE_TEST_FAULT", raising=False)
+    make = table_cfg if source == "table" else shard_cfg
+    cfg = make(
+        pairs,
+        "train.micro_batch_size=3",
+        "loss.supervised=true",
+        "loss.kind=clip",
+        "train.epochs=1",
+        "model.hidden_dim=16",
+        "model.feature_dim=16",
+        "model.embedding_dim=8",
+        "model.width=4",
+        "log.every=1",
+        "log.progress=false",
+        "eval.enabled=false",
+        "wandb.mode=disabled",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        trainer.fit()
+        steps = trainer.cfg.train.steps
+    finally:
+        trainer.close()
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == 13  # one process: 100 rows in batches of 8 (12 full, a tail of 4)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(np.isfinite(r["loss"]) and r["epoch"] == 0 for r in rows)
+
+
+def test_micro_for_never_leaves_a_one_row_micro_batch() -> None:
+    from dist_infonce.trainer.learner import micro_for
+
+    assert micro_for(12, 4) == 4 and micro_for(10, 4) == 4 and micro_for(3, 8) == 8
+    assert micro_for(4, 3) == 2 and micro_for(7, 3) == 4  # 7 = 3+3+1 = 2+2+2+1 -> 4+3
+    for rows in range(2, 200):
+        for micro in range(1, 40):
+            m = micro_for(rows, micro)
+            assert rows % m != 1 or m >= rows or (micro == 1 and m == 1), (rows, micro, m)
+            if rows % micro != 1:
+                assert m == micro

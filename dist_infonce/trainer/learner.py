@@ -21,7 +21,7 @@ from dist_infonce.trainer.data import ContrastiveData
 from dist_infonce.trainer.loader import MapSource, ShardSource
 from dist_infonce.trainer.models import PairModel, build_model
 
-__all__ = ["Learner", "build_learner", "build_loss", "check_kernel"]
+__all__ = ["Learner", "build_learner", "build_loss", "check_kernel", "micro_for"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -100,6 +100,7 @@ class Learner(nn.Module):
         :meth:`PairModel.encode`, under the same autocast as the prepared forward.
         """
         n = len(x0)
+        micro = micro_for(n, micro)
         towers: list[Any] = [model]
         inputs: list[Any] = [(x0, x1[:n])]
         if len(x1) > n:
@@ -114,6 +115,21 @@ class Learner(nn.Module):
         # gradient of a learnable temperature over the ranks).
         loss_fn = functools.partial(self.loss_fn, labels=labels)
         return cached_backward(towers, loss_fn, inputs, micro, scaler=accelerator.scaler)
+
+
+def micro_for(rows: int, micro: int) -> int:
+    """The micro-batch size for a batch of ``rows`` rows: ``micro``
+    (``train.micro_batch_size``), unless it would leave a last micro-batch of one row,
+    which BatchNorm cannot train on (an epoch's smaller last batch makes such sizes):
+    then the nearest size that does not, smaller ones first. The gradients do not
+    depend on it (only BatchNorm's per-micro-batch statistics do).
+    """
+    if rows <= micro or rows % micro != 1:
+        return micro
+    for m in [*range(micro - 1, 1, -1), *range(micro + 1, rows + 1)]:
+        if rows % m != 1:
+            return m
+    return rows
 
 
 def build_learner(cfg: Config, data: ContrastiveData | MapSource | ShardSource) -> Learner:
