@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from dist_infonce.trainer import Trainer, build_data, build_learner, load_config, sample_batch
+from dist_infonce.trainer import Trainer, build_data, build_learner, load_config
 from dist_infonce.trainer.config import ConfigError
 from dist_infonce.trainer.moco import MomentumEncoder
 from dist_infonce.trainer.models import SiameseModel, mlp
@@ -219,16 +219,20 @@ def test_trainer_pushes_every_micro_step_once_per_optimizer_step(
         trainer.setup()
         learner, acc = trainer.unwrapped, trainer.accelerator
         queue, momentum = learner.queue, cfg.model.momentum
-        accum = cfg.train.grad_accum_steps
+        drawn: list[Any] = []  # the batches each train_step takes from the loader
+        take = trainer.batches.next
+        trainer.batches.next = lambda: drawn.append(take()) or drawn[-1]  # type: ignore[method-assign]
         for step in range(cfg.train.steps):
             keys_before = copy.deepcopy(learner.key_encoder)
             if keys_before is not None:
                 keys_before.train()
             online_before = copy.deepcopy(learner.model).train()
+            drawn.clear()
             trainer.train_step()
+            assert len(drawn) == cfg.train.grad_accum_steps
             expected = []
-            for micro in range(accum):
-                x0, x1, _ = sample_batch(trainer.data, cfg, step=step, rank=0, micro=micro)
+            for batch in drawn:
+                x0, x1 = batch.x0, batch.x1
                 with torch.no_grad(), acc.autocast():
                     if keys_before is not None:  # in micro-batches under caching
                         rows = cfg.train.micro_batch_size or len(x1)

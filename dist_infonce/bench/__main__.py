@@ -1,4 +1,4 @@
-"""``python -m dist_infonce.bench [loss | dist | cache | fsdp] [options]``: run one mode.
+"""``python -m dist_infonce.bench [loss | dist | cache | fsdp | data] [options]``: run one mode.
 
 The first word names the mode; without one, ``--world N`` selects ``dist`` (as it
 always has) and anything else is the loss sweep. Each mode parses its own options
@@ -17,6 +17,7 @@ MODES = {
     "dist": "dist_infonce.bench.dist",
     "cache": "dist_infonce.bench.cache",
     "fsdp": "dist_infonce.bench.fsdp",
+    "data": "dist_infonce.bench.data",
 }
 
 
@@ -33,7 +34,7 @@ def mode_of(argv: Sequence[str]) -> tuple[str, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to the mode's ``main``; returns its exit status."""
     mode, rest = mode_of(sys.argv[1:] if argv is None else argv)
-    # Only the chosen mode is imported (the cache and fsdp modes pull in the trainer).
+    # Only the chosen mode is imported (the cache, fsdp and data modes pull in the trainer).
     return importlib.import_module(MODES[mode]).main(rest)
 
 

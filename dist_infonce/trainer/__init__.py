@@ -6,8 +6,12 @@ package. Its layout:
 - :mod:`.config`: the schema (typed dataclasses, one docstring per key), YAML files
   and ``key=value`` overrides through OmegaConf; :func:`load_config`.
 - :mod:`.data`: the data sets (digits, synthetic pairs, a user ``module:callable``)
-  and :func:`sample_batch`, the batch of ``(seed, step, rank, micro)``.
-- :mod:`.models`: the encoders and heads; :mod:`.learner`: model + loss as one module.
+  and :func:`sample_batch`, the batch of ``(seed, step, rank, micro)``;
+  :mod:`.sources`: the file sources (tables, webdataset shards); :mod:`.transforms`:
+  the per-view preprocessing (where a tower's tokenizer plugs in); :mod:`.loader`:
+  epochs, ranks and DataLoader workers, the resume position.
+- :mod:`.models`: the encoders and heads (:mod:`.towers`: the built-in encoder of a
+  vector, text or image view); :mod:`.learner`: model + loss as one module.
 - :mod:`.optim`: optimizers (LARS) and the schedule.
 - :mod:`.trainer`: :class:`Trainer` (``setup``, ``fit``, ``train_step``, ``evaluate``,
   ``save``/``resume``, ``close``); :mod:`.evaluation`: frozen features for the metrics.

@@ -51,6 +51,7 @@ __all__ = [
     "DataConfig",
     "DistConfig",
     "EvalConfig",
+    "LoaderConfig",
     "LogConfig",
     "LossConfig",
     "ModelConfig",
@@ -108,6 +109,11 @@ class TrainConfig:
     checkpoint and exit 3 naming the step (the default: a NaN usually means divergence,
     and every later step would repeat it); skip = drop that optimizer step on every rank
     and log it (``nonfinite_skipped`` in metrics.jsonl), for rare bad batches."""
+    epochs: int | None = None
+    """Passes over the data (digits, table, webdataset: each epoch reshuffled from
+    ``(seed, epoch)``, every row once over all ranks); null = ``train.steps`` rules and the
+    data is cycled epoch after epoch. Set, it replaces ``train.steps``: the run takes the
+    optimizer steps these epochs hold."""
 
 
 @dataclass
@@ -147,7 +153,9 @@ class DataConfig:
     """The training data (dist_infonce.trainer.data)."""
 
     name: str = "digits"
-    """digits | synthetic_pairs | a user data set ``module:callable`` (see data.py)."""
+    """digits | synthetic_pairs | table (``data.path``: csv/tsv/jsonl/parquet or a datasets
+    save_to_disk folder) | webdataset (``data.path``: tar shards) | a user data set
+    ``module:callable`` (see data.py and docs/data.md)."""
     seed: int = 0
     """Fixes the data set itself (the digits split, the synthetic maps), not the batches."""
     eval_fraction: float = 0.25
@@ -164,6 +172,36 @@ class DataConfig:
     """synthetic_pairs: held-out pairs for retrieval recall@1."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments passed to a user ``module:callable`` data set."""
+    path: str | None = None
+    """table: a .csv / .tsv / .jsonl / .parquet file, a glob of them, or a folder written by
+    datasets' save_to_disk; webdataset: a tar shard pattern (``shards/{0000..0099}.tar``)."""
+    columns: list[str] = field(default_factory=list)
+    """The two views: table column names; webdataset sample keys (file extensions, ``;``
+    between alternatives; default ``[jpg;png;jpeg;webp, txt]``). A numeric-list column is a
+    float32 vector, a string column text (or, with ``data.image_root``, image paths), a
+    binary column encoded images."""
+    label_column: str | None = None
+    """An integer class label per row (table column, webdataset key such as ``cls``), for
+    ``loss.supervised``."""
+    image_root: str | None = None
+    """table: the folder that relative image paths are read from (``/`` for absolute
+    paths); it makes string columns of image file names images."""
+    on_bad_sample: Literal["stop", "skip"] = "stop"
+    """A sample that cannot be decoded mid-epoch (an unreadable image): stop = write the
+    last good state as a checkpoint and exit 2 naming the row; skip = leave it out of its
+    batch and count it (``bad_samples_skipped`` in metrics.jsonl)."""
+
+
+@dataclass
+class LoaderConfig:
+    """How batches are read (dist_infonce.trainer.loader): a torch DataLoader per rank."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank that read, decode, augment and tokenise the
+    batches (0: in the training process). The batches do not depend on it."""
+    drop_last: bool = False
+    """Drop the last, incomplete global batch of every epoch; false = it is split evenly over
+    the ranks (uneven local batches: the gather handles them)."""
 
 
 @dataclass
@@ -171,7 +209,9 @@ class ModelConfig:
     """The encoder(s) and projection head(s) (dist_infonce.trainer.models)."""
 
     name: str = "digits_cnn"
-    """digits_cnn | mlp | two_tower | a user encoder ``module:callable`` (see models.py)."""
+    """digits_cnn | mlp (one MLP encoder shared by both views) | two_tower (one encoder per
+    view: an MLP for vectors, a small CNN for images, an embedding bag for text) | a user
+    encoder ``module:callable`` (see models.py)."""
     embedding_dim: int = 64
     """Output dimension of the projection head: the vectors the loss compares."""
     momentum: float = 0.0
@@ -185,7 +225,7 @@ class ModelConfig:
     depth: int = 2
     """Linear layers of the MLP encoders (mlp, two_tower)."""
     width: int = 32
-    """Channels of the first convolution of digits_cnn."""
+    """Channels of the first convolution of digits_cnn and of two_tower's image encoder."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments passed to a user ``module:callable`` encoder."""
 
@@ -273,13 +313,16 @@ class Config:
     output_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl and checkpoints/ go; re-using it resumes."""
     seed: int = 0
-    """Seeds model init and every batch (batches are a function of seed, step and rank)."""
+    """Seeds model init, every epoch's order and every batch's augmentation (batches are a
+    function of seed, epoch and position; without epochs, of seed, step and rank)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The contrastive loss."""
     data: DataConfig = field(default_factory=DataConfig)
     """The training data."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """Batch loading."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The encoders."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -616,6 +659,10 @@ def validate(cfg: Config) -> None:
         "labels define the positives among in-batch samples; set loss.num_negatives=0",
     )
     _check_moco(cfg)
+    _check(
+        t.epochs is None or t.epochs >= 1, "train.epochs", f"must be >= 1 or null, got {t.epochs}"
+    )
+    _validate_data(cfg)
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
     _check(cfg.data.noise >= 0, "data.noise", f"must be >= 0, got {cfg.data.noise}")
     for key in ("latent_dim", "dim_a", "dim_b", "num_eval"):
@@ -682,6 +729,64 @@ def _check_moco(cfg: Config) -> None:
             "the queue holds the keys of every rank (one queue for the world); "
             "loss.gather=false has no meaning with it, set loss.gather=true",
         )
+
+
+#: data.name values that read data.path (the file sources).
+FILE_SOURCES = ("table", "webdataset")
+
+
+def _validate_data(cfg: Config) -> None:
+    """The file-source keys: present where they are read, absent where they would be ignored."""
+    d = cfg.data
+    _check(
+        cfg.loader.num_workers >= 0,
+        "loader.num_workers",
+        f"must be >= 0, got {cfg.loader.num_workers}",
+    )
+    if d.name in FILE_SOURCES:
+        _check(
+            bool(d.path and d.path.strip()),
+            "data.path",
+            f"data.name={d.name} reads files: set data.path (see docs/data.md)",
+        )
+        want = "two table column names, e.g. data.columns=[image,caption]"
+        if d.name == "webdataset":
+            want = (
+                "two sample keys, e.g. data.columns=[png,txt] (or none: [jpg;png;jpeg;webp, txt])"
+            )
+        _check(
+            len(d.columns) == 2 or (d.name == "webdataset" and not d.columns),
+            "data.columns",
+            f"expected {want}, got {d.columns}",
+        )
+        _check(all(c.strip() for c in d.columns), "data.columns", f"empty name in {d.columns}")
+        _check(
+            d.label_column is None or d.label_column not in d.columns,
+            "data.label_column",
+            f"{d.label_column!r} is also one of data.columns",
+        )
+    elif d.name in ("digits", "synthetic_pairs"):
+        for key in ("path", "label_column", "image_root"):
+            _check(
+                getattr(d, key) is None,
+                f"data.{key}",
+                f"is read by data.name=table|webdataset only (data.name={d.name})",
+            )
+        _check(
+            not d.columns,
+            "data.columns",
+            f"is read by data.name=table|webdataset only (data.name={d.name})",
+        )
+    _check(
+        d.image_root is None or d.name != "webdataset",
+        "data.image_root",
+        "webdataset shards hold the images themselves; data.image_root is for data.name=table",
+    )
+    _check(
+        not (d.name == "synthetic_pairs" and cfg.train.epochs is not None),
+        "train.epochs",
+        "data.name=synthetic_pairs draws fresh pairs every step and has no epochs; use train.steps",
+    )
 
 
 def _get(cfg: Config, key: str) -> Any:

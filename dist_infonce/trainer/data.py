@@ -10,21 +10,35 @@ A user data set is any ``module:callable`` (``data.name``); the trainer calls it
 ``callable(cfg, **cfg.kwargs)``, ``cfg`` being the ``data`` section
 (:class:`~dist_infonce.trainer.config.DataConfig`) and ``data.kwargs`` its keyword
 arguments, and it returns an object with the two members of :class:`ContrastiveData`
-(``evaluate`` is optional). :func:`sample_batch` is the trainer's batch function.
+(``evaluate`` is optional), or a map-style source with epochs
+(:class:`~dist_infonce.trainer.loader.MapSource`). :func:`sample_batch` is the batch
+function of ``sample``-only data sets.
+
+The digits are also a map-style source (``num_rows`` + ``fetch``): the trainer reads them
+in epochs through :mod:`~dist_infonce.trainer.loader` (each row once per epoch over the
+ranks); ``sample`` stays for code that draws batches with replacement. The file sources
+(``table``, ``webdataset``) live in :mod:`~dist_infonce.trainer.sources`.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_infonce.trainer.config import Config, ConfigError, DataConfig, import_object
+from dist_infonce.trainer.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    import_object,
+)
+from dist_infonce.trainer.loader import Batch, MapSource, ShardSource
 
 __all__ = [
     "ContrastiveData",
@@ -168,6 +182,11 @@ class DigitsData:
         self.noise_std = cfg.noise
         self.knn_k = knn_k
         self.input_shapes = ((1, 8, 8), (1, 8, 8))
+        self.input_kinds = ("image", "image")
+        # A map-style source (loader.MapSource): the trainer reads it in epochs.
+        self.num_rows = len(self.y_train)
+        self.has_labels = True
+        self.may_fail = False
 
     def sample(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, ...]:
         """Two augmented views of ``batch_size`` random training images, each (B, 1, 8, 8),
@@ -177,6 +196,21 @@ class DigitsData:
         v0 = augment_digits(images, generator, noise_std=self.noise_std)
         v1 = augment_digits(images, generator, noise_std=self.noise_std)
         return v0, v1, self.y_train[idx]
+
+    def fetch(
+        self, rows: Sequence[int], negatives: Sequence[int], generator: torch.Generator
+    ) -> Batch:
+        """Two augmented views of the training images ``rows``, each (B, 1, 8, 8), their
+        labels (B,), and view 1 of ``negatives`` appended to ``x1`` (the trainer's
+        epoch reader; all randomness from ``generator``)."""
+        idx = torch.as_tensor(rows, dtype=torch.int64)
+        images = self.x_train[idx]
+        v0 = augment_digits(images, generator, noise_std=self.noise_std)
+        v1 = augment_digits(images, generator, noise_std=self.noise_std)
+        if negatives:
+            others = self.x_train[torch.as_tensor(negatives, dtype=torch.int64)]
+            v1 = torch.cat([v1, augment_digits(others, generator, noise_std=self.noise_std)])
+        return Batch(v0, v1, self.y_train[idx], ids=list(rows))
 
     def evaluate(self, embed: Embed) -> dict[str, float]:
         """Linear-probe and kNN accuracy of the frozen features on the held-out split.
@@ -295,27 +329,37 @@ def recall_at_1(queries: torch.Tensor, keys: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- factory
 
 
-def build_data(cfg: DataConfig, knn_k: int = 5) -> ContrastiveData:
+def build_data(
+    cfg: DataConfig, knn_k: int = 5, *, model: ModelConfig | None = None
+) -> ContrastiveData | MapSource | ShardSource:
     """Build the data set named by ``cfg.name``.
 
     Args:
-        cfg: the ``data`` section. ``name`` is ``digits``, ``synthetic_pairs`` or a
-            ``module:callable`` that is called as ``callable(cfg, **cfg.kwargs)``.
+        cfg: the ``data`` section. ``name`` is ``digits``, ``synthetic_pairs``, ``table``,
+            ``webdataset`` or a ``module:callable`` that is called as
+            ``callable(cfg, **cfg.kwargs)``.
         knn_k: neighbours of the digits kNN evaluation.
+        model: the ``model`` section: the towers choose the preprocessing of the file
+            sources' views (:func:`~dist_infonce.trainer.transforms.view_transform`).
 
     Raises:
-        ConfigError: the callable cannot be imported, does not take
-            ``(cfg, **data.kwargs)``, or returned an object without ``sample`` and
-            ``input_shapes``.
+        ConfigError: a file source that cannot be read (the file, column or row is
+            named); the callable cannot be imported, does not take
+            ``(cfg, **data.kwargs)``, or returned an object that is neither a
+            :class:`ContrastiveData` nor a map-style source.
     """
     if cfg.name == "digits":
         return DigitsData(cfg, knn_k=knn_k)
     if cfg.name == "synthetic_pairs":
         return SyntheticPairs(cfg)
+    if cfg.name in ("table", "webdataset"):
+        from dist_infonce.trainer.sources import TableSource, WebDatasetSource
+
+        return (TableSource if cfg.name == "table" else WebDatasetSource)(cfg, model)
     make = import_object(cfg.name, "data.name")
     check_call(make, "data.name", "data.kwargs", (cfg,), cfg.kwargs)
     data = make(cfg, **cfg.kwargs)
-    if not isinstance(data, ContrastiveData):
+    if not isinstance(data, ContrastiveData | MapSource):
         raise ConfigError(
             f"data.name={cfg.name!r} returned {type(data).__name__}, which lacks "
             "`sample(generator, batch_size)` and `input_shapes` (see dist_infonce.trainer.data.ContrastiveData)"

@@ -18,10 +18,11 @@ from torch import nn
 from dist_infonce import InfoNCE, NegativeQueue, NTXent, cached_backward
 from dist_infonce.trainer.config import Config, ConfigError, LossConfig
 from dist_infonce.trainer.data import ContrastiveData
+from dist_infonce.trainer.loader import MapSource, ShardSource
 from dist_infonce.trainer.moco import MomentumEncoder, QueryTower, QueueLoss, build_queue_loss
 from dist_infonce.trainer.models import PairModel, TwoTowerModel, build_model
 
-__all__ = ["Learner", "build_learner", "build_loss", "check_kernel"]
+__all__ = ["Learner", "build_learner", "build_loss", "check_kernel", "micro_for"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -154,6 +155,7 @@ class Learner(nn.Module):
             loss_fn = functools.partial(self.loss_fn, positive_key=keys, labels=labels)
             return cached_backward(model, loss_fn, x0, micro, scaler=accelerator.scaler)
         n = len(x0)
+        micro = micro_for(n, micro)
         towers: list[Any] = [model]
         inputs: list[Any] = [(x0, x1[:n])]
         if len(x1) > n:
@@ -170,7 +172,22 @@ class Learner(nn.Module):
         return cached_backward(towers, loss_fn, inputs, micro, scaler=accelerator.scaler)
 
 
-def build_learner(cfg: Config, data: ContrastiveData) -> Learner:
+def micro_for(rows: int, micro: int) -> int:
+    """The micro-batch size for a batch of ``rows`` rows: ``micro``
+    (``train.micro_batch_size``), unless it would leave a last micro-batch of one row,
+    which BatchNorm cannot train on (an epoch's smaller last batch makes such sizes):
+    then the nearest size that does not, smaller ones first. The gradients do not
+    depend on it (only BatchNorm's per-micro-batch statistics do).
+    """
+    if rows <= micro or rows % micro != 1:
+        return micro
+    for m in [*range(micro - 1, 1, -1), *range(micro + 1, rows + 1)]:
+        if rows % m != 1:
+            return m
+    return rows
+
+
+def build_learner(cfg: Config, data: ContrastiveData | MapSource | ShardSource) -> Learner:
     """The model of ``cfg.model`` for ``data``'s input shapes with the loss of ``cfg.loss``.
 
     Parameters are initialised from torch's global RNG: seed it first (the trainer
@@ -180,7 +197,7 @@ def build_learner(cfg: Config, data: ContrastiveData) -> Learner:
         ConfigError: a model or loss option that cannot be built, or explicit negatives
             under gradient caching with a model that has no ``encode``.
     """
-    model = build_model(cfg.model, data.input_shapes)
+    model = build_model(cfg.model, data.input_shapes, getattr(data, "input_kinds", None))
     if (
         cfg.train.micro_batch_size is not None
         and cfg.loss.num_negatives

@@ -140,41 +140,59 @@ class TwoTowerModel(PairModel):
 
 
 def build_model(
-    cfg: ModelConfig, input_shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    cfg: ModelConfig,
+    input_shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    input_kinds: tuple[str, str] | None = None,
 ) -> PairModel:
     """Build the model named by ``cfg.name``.
 
     Built-ins:
-        ``digits_cnn``: :class:`DigitsCNN` encoder + 2-layer MLP head (SimCLR).
-        ``mlp``: a shared MLP encoder on flattened inputs + 2-layer MLP head; both
-        views must have the same number of elements.
-        ``two_tower``: one MLP encoder + head per view (inputs may differ).
+        ``digits_cnn``: :class:`DigitsCNN` encoder + 2-layer MLP head (SimCLR), for
+        (1, 8, 8) images.
+        ``mlp``: one MLP encoder shared by both views (on flattened inputs; text first
+        through an embedding bag) + 2-layer MLP head; both views of the same kind and shape.
+        ``two_tower``: one encoder + head per view (inputs may differ), by the view's kind
+        (:func:`~dist_infonce.trainer.towers.encoder_for`): an MLP on flattened vectors,
+        a small CNN for images, an embedding bag + MLP for text.
 
     Args:
         cfg: the ``model`` section.
         input_shapes: per-sample shapes of view 0 and view 1 (from the data).
+        input_kinds: ``vector`` / ``text`` / ``image`` per view (from the data; None:
+            vectors).
 
     Raises:
-        ConfigError: ``mlp`` with views of different sizes; a user callable that
-            cannot be imported, does not take ``(cfg, input_shapes, **model.kwargs)``
-            or does not return an ``nn.Module``.
+        ConfigError: ``mlp`` with views of different kinds or sizes; ``digits_cnn`` with
+            other inputs than 8x8 digits; a user callable that cannot be imported, does
+            not take ``(cfg, input_shapes, **model.kwargs)`` or does not return an
+            ``nn.Module``.
     """
+    from dist_infonce.trainer.towers import encoder_for
+
     d_in = [math.prod(s) for s in input_shapes]
+    kinds = input_kinds or ("vector", "vector")
     proj = lambda: mlp(cfg.feature_dim, cfg.hidden_dim, cfg.embedding_dim)
     if cfg.name == "digits_cnn":
+        if tuple(map(tuple, input_shapes)) != ((1, 8, 8), (1, 8, 8)):
+            raise ConfigError(
+                f"model.name=digits_cnn takes 8x8 digit images; these views are {kinds[0]} "
+                f"{tuple(input_shapes[0])} and {kinds[1]} {tuple(input_shapes[1])}: use "
+                "model.name=two_tower (one encoder per view) or mlp (one shared encoder)"
+            )
         return SiameseModel(DigitsCNN(cfg.feature_dim, cfg.width), proj())
     if cfg.name == "mlp":
-        if d_in[0] != d_in[1]:
+        if d_in[0] != d_in[1] or kinds[0] != kinds[1]:
             raise ConfigError(
                 f"model.name=mlp shares one encoder, but the views have {d_in[0]} and "
-                f"{d_in[1]} elements; use model.name=two_tower"
+                f"{d_in[1]} elements ({kinds[0]}, {kinds[1]}); use model.name=two_tower"
             )
-        enc = nn.Sequential(nn.Flatten(), mlp(d_in[0], cfg.hidden_dim, cfg.feature_dim, cfg.depth))
-        return SiameseModel(enc, proj())
+        # An MLP on flattened inputs (images included, as it always was); text needs an
+        # embedding of its token ids first.
+        kind = "text" if kinds[0] == "text" else "vector"
+        return SiameseModel(encoder_for(kind, tuple(input_shapes[0]), cfg), proj())
     if cfg.name == "two_tower":
         towers = [
-            nn.Sequential(nn.Flatten(), mlp(d, cfg.hidden_dim, cfg.feature_dim, cfg.depth))
-            for d in d_in
+            encoder_for(k, tuple(shape), cfg) for k, shape in zip(kinds, input_shapes, strict=True)
         ]
         return TwoTowerModel(towers[0], proj(), towers[1], proj())
     make = import_object(cfg.name, "model.name")

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import sys
@@ -42,7 +43,7 @@ from dist_infonce.trainer.checkpoint import (
     set_rng_state,
 )
 from dist_infonce.trainer.config import Config, ConfigError, to_dict, to_yaml
-from dist_infonce.trainer.data import ContrastiveData, build_data, sample_batch
+from dist_infonce.trainer.data import build_data
 from dist_infonce.trainer.evaluation import embed_fn
 from dist_infonce.trainer.fsdp import (
     broadcast_buffers,
@@ -53,12 +54,21 @@ from dist_infonce.trainer.fsdp import (
 )
 from dist_infonce.trainer.launch import make_accelerator, teardown
 from dist_infonce.trainer.learner import Learner, build_learner, check_kernel
+from dist_infonce.trainer.loader import (
+    BadSampleError,
+    Batch,
+    Stream,
+    build_stream,
+    record_batches,
+    steps_for_epochs,
+)
 from dist_infonce.trainer.metrics import MetricsLog, init_wandb
 from dist_infonce.trainer.models import build_model
 from dist_infonce.trainer.optim import build_optimizer, lr_factor, peak_lr
 from dist_infonce.trainer.resilience import (
     CheckpointWriteError,
     StepGuard,
+    agree_max,
     disk_space_problem,
     install_fault_hook,
     make_guard,
@@ -85,6 +95,7 @@ class StepResult:
             reading it costs a host sync).
         grad_norm: the global gradient norm before clipping (None without clipping).
         ok: False when a non-finite value made every rank skip the update.
+        epoch: the epoch of the step's (last) batch; None for data without epochs.
     """
 
     step: int
@@ -93,6 +104,7 @@ class StepResult:
     temperature: float
     grad_norm: torch.Tensor | None
     ok: bool
+    epoch: int | None = None
 
 
 class Trainer:
@@ -121,7 +133,8 @@ class Trainer:
         self.device = torch.device("cpu")
         # Set by setup(), dropped by close() (None outside that span).
         self.accelerator: Any = None  # accelerate.Accelerator, imported only when used
-        self.data: ContrastiveData | None = None
+        self.data: Any = None  # ContrastiveData, or a map-style / shard source (loader.py)
+        self.batches: Stream | None = None  # where every rank's batches come from (loader.py)
         self.learner: nn.Module | None = None
         self.unwrapped: Learner | None = None
         self.encoder: nn.Module | None = None
@@ -153,7 +166,11 @@ class Trainer:
         problem = self._prepare_output_dir() if self.is_main else ""
 
         set_seed(cfg.seed)  # the same initial weights on every rank
-        self.data = build_data(cfg.data, knn_k=cfg.eval.knn_k)
+        self.data = build_data(cfg.data, knn_k=cfg.eval.knn_k, model=cfg.model)
+        self.batches = record_batches(
+            build_stream(self.data, cfg, rank=self.rank, world=self.world, device=self.device),
+            self.rank,
+        )
         learner = build_learner(cfg, self.data)
         check_kernel(cfg.loss, self.device)
         if self.sharded:  # before the optimizer: it must see the sharded parameters
@@ -165,8 +182,9 @@ class Trainer:
                 precision=cfg.train.precision,
             )
         optimizer = build_optimizer(learner, cfg.train, peak_lr(cfg.train, self.world))
+        # self.cfg, not cfg: with train.epochs the step count is known only after resume.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.train)
+            optimizer, lambda s: lr_factor(s, self.cfg.train)
         )
         if self.is_main and not problem:
             problem = disk_space_problem(
@@ -175,6 +193,14 @@ class Trainer:
         self._raise_everywhere(problem)
         self._prepare(learner, optimizer)
         self.resume()
+        if cfg.train.epochs is not None:
+            # train.epochs replaces train.steps: the steps those epochs hold from here.
+            steps = steps_for_epochs(
+                self.batches, cfg.train.epochs, self.step, cfg.train.grad_accum_steps
+            )
+            self.cfg = cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, steps=steps)
+            )
 
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.is_main)
         self.metrics.truncate_after(self.step)
@@ -288,11 +314,11 @@ class Trainer:
         if self.sharded:  # DDP sends rank 0's buffers at a step's first forward; so here
             broadcast_buffers(unwrapped)
         for micro in range(cfg.train.grad_accum_steps):
-            x0, x1, labels = sample_batch(
-                self.data, cfg, step=self.step, rank=self.rank, micro=micro
-            )
-            x0, x1 = x0.to(self.device), x1.to(self.device)
-            labels = None if labels is None else labels.to(self.device)
+            batch = self._next_batch(done)
+            x0 = batch.x0.to(self.device, non_blocking=True)
+            x1 = batch.x1.to(self.device, non_blocking=True)
+            labels = batch.labels
+            labels = None if labels is None else labels.to(self.device, non_blocking=True)
             if self.sharded:  # accelerate's no_sync does not reach FSDP2 modules here
                 self.encoder.set_requires_gradient_sync(micro == cfg.train.grad_accum_steps - 1)
             with acc.accumulate(self.encoder):
@@ -325,8 +351,47 @@ class Trainer:
             loss_sum += loss.detach()
         self.scheduler.step()
         self.step = done
+        self.batches.commit()  # the loader position a checkpoint of this step stores
         return StepResult(
-            done, loss_sum / cfg.train.grad_accum_steps, lr, temperature, grad_norm, ok
+            done,
+            loss_sum / cfg.train.grad_accum_steps,
+            lr,
+            temperature,
+            grad_norm,
+            ok,
+            batch.epoch,
+        )
+
+    def _next_batch(self, step: int) -> Batch:
+        """The next batch of this rank; a bad sample is agreed on by every rank first.
+
+        With a source that can meet unreadable samples mid-epoch, one all-reduce per batch
+        tells every rank whether some rank's batch stopped on one
+        (``data.on_bad_sample=stop``): then every rank writes the last good step's
+        checkpoint and raises, instead of one rank raising while the others wait in the
+        step's collectives. Skipped samples are named on stderr and counted.
+
+        Raises:
+            BadSampleError: on every rank, naming the sample (broadcast from its rank).
+        """
+        batch = self.batches.next()
+        if not self.batches.may_fail:
+            return batch
+        for name in batch.skipped:
+            print(f"rank {self.rank}: skipped a bad sample: {name}", file=sys.stderr, flush=True)
+        bad = agree_max([float(self.rank + 1) if batch.error else 0.0], device=self.device)[0]
+        if not bad:
+            return batch
+        message = [batch.error]
+        if is_distributed():
+            torch.distributed.broadcast_object_list(message, src=int(bad) - 1)
+        if self.guard.last_saved != self.step:
+            self.save()
+        raise BadSampleError(
+            f"step {step}: {message[0]}; stopped (data.on_bad_sample=stop). The state after "
+            f"step {self.step} is in the newest checkpoint: fix or remove the sample, or set "
+            "data.on_bad_sample=skip, and re-run the same command to resume",
+            step,
         )
 
     def log(self, result: StepResult) -> dict[str, Any]:
@@ -351,6 +416,12 @@ class Trainer:
             "peak_mem_mb": peak_memory_mb(self.device),
             "time_s": now - self._t_start,
         }
+        if result.epoch is not None:
+            row["epoch"] = result.epoch
+        if self.batches.may_fail:
+            # Every rank's count, summed (a collective: every rank logs the same steps).
+            skipped = torch.tensor(float(self.batches.skipped), device=self.device)
+            row["bad_samples_skipped"] = int(self.accelerator.reduce(skipped, "sum"))
         if result.grad_norm is not None:
             row["grad_norm"] = float(result.grad_norm)
         row.update(self.unwrapped.log_values())
@@ -406,12 +477,14 @@ class Trainer:
             CheckpointWriteError: on every rank, when rank 0 could not write it.
         """
         step = self.step if step is None else step
-        rng = get_rng_state()
+        # Every rank's RNG state and loader position, in one gather.
+        mine = (get_rng_state(), self.batches.state_dict())
         if is_distributed():
-            rngs: list[Any] = [None] * get_world_size()
-            torch.distributed.all_gather_object(rngs, rng)
+            everyone: list[Any] = [None] * get_world_size()
+            torch.distributed.all_gather_object(everyone, mine)
         else:
-            rngs = [rng]
+            everyone = [mine]
+        rngs, streams = [r for r, _ in everyone], [s for _, s in everyone]
         error = ""
         if self.sharded:
             broadcast_buffers(self.unwrapped)  # the checkpoint keeps one copy: rank 0's
@@ -420,7 +493,7 @@ class Trainer:
                 step,
                 self.unwrapped,
                 self.optimizer,
-                self._trainer_state(step, rngs) if self.is_main else None,
+                self._trainer_state(step, rngs, streams) if self.is_main else None,
                 self.cfg.checkpoint.keep,
             )
             if error:
@@ -429,7 +502,7 @@ class Trainer:
             state = {
                 "model": self.unwrapped.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                **self._trainer_state(step, rngs),
+                **self._trainer_state(step, rngs, streams),
             }
             error = self._write(state, step)
         # A failed write stops every rank (rank 0's verdict is broadcast) instead of
@@ -442,7 +515,9 @@ class Trainer:
         if self.guard is not None:
             self.guard.track_save(step)
 
-    def _trainer_state(self, step: int, rngs: list[Any]) -> dict[str, Any]:
+    def _trainer_state(
+        self, step: int, rngs: list[Any], streams: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         """What a checkpoint holds besides the model and the optimizer."""
         acc = self.accelerator
         return {
@@ -450,10 +525,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "rng": rngs,
-            # Batches are a function of (seed, step, rank): the step is the data position.
+            # Where each rank's loader stands (loader.py: epoch, position, rows by rank).
             "data": {
                 "step": step,
                 "samples_seen": step * self.cfg.train.batch_size * len(rngs),
+                "streams": streams,
             },
             "wandb_run_id": self.wandb_id or "",
             "world_size": len(rngs),
@@ -503,6 +579,7 @@ class Trainer:
             raise ConfigError(found[1])
         if found[0] is None:
             set_seed(self.cfg.seed + self.rank)  # per-rank streams for anything stochastic
+            self.batches.resume(None, step=0)
             return False
         if self.sharded:
             state = load_sharded(Path(found[0]), self.unwrapped, self.optimizer)
@@ -517,6 +594,12 @@ class Trainer:
             print(f"resuming from {found[0]} (step {self.step})", file=sys.stderr, flush=True)
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
+        streams = state.get("data", {}).get("streams")
+        # Ranks move in lockstep: any rank's position is the world's (rank 0's for a new world).
+        stream = None if not streams else streams[self.rank if len(streams) == self.world else 0]
+        warning = self.batches.resume(stream, step=self.step)
+        if warning and self.is_main:
+            print(f"warning: resume: {warning}", file=sys.stderr, flush=True)
         rngs = state["rng"]
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])
@@ -579,9 +662,11 @@ class Trainer:
             self._fault_hook.remove()
         if self.metrics is not None:
             self.metrics.finish(exit_code)
+        if self.batches is not None:
+            self.batches.close()  # DataLoader workers exit before the process group goes
         if self.accelerator is not None:
             self.accelerator.free_memory()
-        self.learner = self.unwrapped = self.encoder = None
+        self.learner = self.unwrapped = self.encoder = self.batches = None
         self.optimizer = self.scheduler = self.guard = self.data = None
         self.metrics = self._fault_hook = self.accelerator = None
         gc.collect()
