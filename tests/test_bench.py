@@ -222,6 +222,7 @@ def test_layout_tests_drive_the_cli_and_the_modes_do_not_import_each_other() -> 
         "dist": {"common"},
         "cache": {"common"},
         "fsdp": {"common"},
+        "data": {"common"},
     }
     assert {p.stem for p in bench.glob("*.py")} == set(allowed)
     for p in sorted(bench.glob("*.py")):
