@@ -199,3 +199,82 @@ def collectives_case(n: int, d: int, kernel: str, chunk: int | None, labeled: bo
     with _count_collectives() as bwd:
         loss.backward()
     return {"forward": list(fwd), "backward": list(bwd)}
+
+
+# ------------------------------------------------- the fused kernel (one process)
+
+
+def triton_compare(
+    dtype: str,
+    n: int,
+    d: int,
+    chunk_size: int | None,
+    seed: int,
+    *,
+    reduction: str = "mean",
+    labeled: bool = False,
+    scale: float = 1.0,
+    t: float = 10.0,
+    b: float = -10.0,
+    device: str = "cpu",
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``siglip_loss(kernel="triton")`` vs the float64 reference of tests/reference.py.
+
+    The inputs are L2-normalised (times ``scale``) and rounded to ``dtype`` first and the
+    loss runs with ``normalize=False``: the reference sees exactly the kernel's numbers.
+    Returns ``[(name, got, expected)]`` for the loss and the gradients of x, y, t, b.
+    """
+    from tests.reference import ref_siglip
+
+    g = torch.Generator().manual_seed(seed)
+    base = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    other = F.normalize(base + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    dt = getattr(torch, dtype)
+    xs = [(scale * v).to(dt).to(device).requires_grad_() for v in (base, other)]
+    labels = global_labels(n, seed) if labeled else None
+    out = []
+    for reference in (False, True):
+        if reference:
+            x, y = (v.detach().cpu().double().requires_grad_() for v in xs)
+            dev, kw = "cpu", {}
+        else:
+            (x, y), dev = xs, device
+            kw = {"kernel": "triton", "chunk_size": chunk_size, "normalize": False}
+        ts = torch.tensor(t, dtype=torch.float64 if reference else torch.float32, device=dev)
+        bs = torch.tensor(b, dtype=ts.dtype, device=dev)
+        ts.requires_grad_()
+        bs.requires_grad_()
+        lab = None if labels is None else labels.to(dev)
+        if reference:
+            value = ref_siglip(x, y, ts, bs, lab, reduction, normalize=False)
+        else:
+            value = siglip_loss(x, y, ts, bs, labels=lab, reduction=reduction, **kw)
+        w = torch.linspace(0.5, 1.5, value.numel(), dtype=torch.float64, device=dev)
+        grads = torch.autograd.grad((value.double() * w.reshape(value.shape)).sum(), [x, y, ts, bs])
+        out.append([value.detach().cpu(), *(v.cpu() for v in grads)])
+    names = ["loss", "grad x", "grad y", "grad t", "grad b"]
+    return [(nm, a, e) for nm, a, e in zip(names, *out, strict=True)]
+
+
+def triton_uneven_sides(n: int, m: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The kernel itself with M != N (a gathered pool), 0 rows or an empty pool: Triton vs
+    the chunked kernel in float64, values and the gradients of a, b, t, c."""
+    from dist_infonce.kernels.sigmoid import chunked_sigmoid_sums
+    from dist_infonce.kernels.triton_sigmoid import triton_sigmoid_sums
+
+    g = torch.Generator().manual_seed(5)
+    base = [
+        F.normalize(torch.randn(n, 20, generator=g), dim=-1),
+        F.normalize(torch.randn(m, 20, generator=g), dim=-1),
+    ]
+    w = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+    out = []
+    for fn, dtype in ((triton_sigmoid_sums, torch.float32), (chunked_sigmoid_sums, torch.float64)):
+        a, bb = (v.to(dtype).requires_grad_() for v in base)
+        t = torch.tensor(10.0, dtype=dtype, requires_grad=True)
+        c = torch.tensor(-10.0, dtype=dtype, requires_grad=True)
+        sums = fn(a, bb, t, c, chunk_size=16)
+        grads = torch.autograd.grad((sums.double() * w).sum(), [a, bb, t, c])
+        out.append([sums.detach(), *grads])
+    names = ["row sums", "grad a", "grad b", "grad t", "grad c"]
+    return [(nm, x, y) for nm, x, y in zip(names, *out, strict=True)]
