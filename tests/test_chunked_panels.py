@@ -96,3 +96,21 @@ def test_panel_graph_saves_linear_memory() -> None:
         lse, _ = chunked_lse(a, b, t, chunk_size=64)
     assert sum(saved) < 8 * n * d * 4 + 4 * n * 4, sum(saved)
     lse.sum().backward()
+
+
+def test_forward_formed_gradients_survive_retain_graph() -> None:
+    # U and V are read, never overwritten, by the backward: a second backward through
+    # the same graph gives the same gradients (softmax panels and SigLIP tiles).
+    from dist_infonce import siglip_loss
+
+    a = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    for loss in (
+        chunked_lse(a, b, t, chunk_size=2)[0].sum(),
+        siglip_loss(a, b, t, -2.0, kernel="chunked", chunk_size=2),
+    ):
+        first = torch.autograd.grad(loss, [a, b, t], retain_graph=True)
+        second = torch.autograd.grad(loss, [a, b, t])
+        for x, y in zip(first, second, strict=True):
+            assert torch.equal(x, y)
