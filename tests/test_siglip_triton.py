@@ -11,12 +11,14 @@ import multiprocessing as mp
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from tests import siglip_cases, triton_cases
+from tests.bench_cli import read_json, run_bench
 from tests.conftest import record_error
 
 CASE_TIMEOUT_S = 120
@@ -101,6 +103,24 @@ def test_sigmoid_kernels_compile_for_hopper_without_a_gpu() -> None:
         res = cc.compile_one(fn, dtype, consts, warps=8, ptxas_report=False)
         if dtype == "bf16":
             assert res["wgmma"] > 0, (fn.__name__, consts, res)
+
+
+def test_bench_siglip_triton_rows_compute_the_same_loss(tmp_path: Path) -> None:
+    # The benchmark's SigLIP triton rows (its worker path), interpreted on CPU, against
+    # its chunked rows on the same inputs.
+    pytest.importorskip("triton")
+    out = tmp_path / "out"
+    proc = run_bench(
+        "--methods", "chunked,triton", "--modes", "siglip", "--sizes", "80", "--dims", "24",
+        "--chunk", "32", "--repeats", "1", "--out", str(out), cwd=tmp_path,
+        env={"TRITON_INTERPRET": "1"}, timeout=CASE_TIMEOUT_S * 3,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["label"]: r for r in read_json(out / "bench.json")["rows"]}
+    assert set(rows) == {"chunked[32]", "triton"}
+    assert rows["triton"]["status"] == "ok", rows["triton"]
+    got, ref = (torch.tensor(rows[k]["loss"]) for k in ("triton", "chunked[32]"))
+    assert record_error("bench siglip triton row vs chunked", got, ref) <= 1e-6
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
