@@ -99,8 +99,9 @@ def test_panel_graph_saves_linear_memory() -> None:
 
 
 def test_forward_formed_gradients_survive_retain_graph() -> None:
-    # U and V are read, never overwritten, by the backward: a second backward through
-    # the same graph gives the same gradients (softmax panels and SigLIP tiles).
+    # The first backward turns the forward's U and V into the gradients in place; a
+    # second one through the same graph recomputes them: the same gradients (softmax
+    # panels and SigLIP tiles), to rounding.
     from dist_infonce import siglip_loss
 
     a = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
@@ -113,4 +114,4 @@ def test_forward_formed_gradients_survive_retain_graph() -> None:
         first = torch.autograd.grad(loss, [a, b, t], retain_graph=True)
         second = torch.autograd.grad(loss, [a, b, t])
         for x, y in zip(first, second, strict=True):
-            assert torch.equal(x, y)
+            assert record_error("second backward (retain_graph) vs first", y, x) <= 1e-13

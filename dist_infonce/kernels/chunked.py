@@ -50,6 +50,8 @@ __all__ = [
     "dense_lse",
     "no_autocast",
     "panel_rows",
+    "row_dots",
+    "same_for_every_row",
 ]
 
 # Tile edge used when the caller does not force one. Tuned with
@@ -276,9 +278,21 @@ def _forward_panels(
     return lse, u, v
 
 
-def _uniform(g: torch.Tensor) -> bool:
+def same_for_every_row(g: torch.Tensor) -> bool:
     """One value for every row (one host sync): "mean" and "sum" give such gradients."""
     return g.numel() == 0 or bool((g == g[0]).all())
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """``(a * b).sum(1)`` a block of rows at a time: no (N, D) temporary at large N.
+
+    Shape: a (N, D); b (N, D) -> (N,).
+    """
+    out = a.new_empty(a.shape[0])
+    for i0 in range(0, a.shape[0], block):
+        rows = slice(i0, i0 + block)
+        torch.sum(a[rows] * b[rows], 1, out=out[rows])
+    return out
 
 
 def dense_lse(
@@ -338,7 +352,11 @@ class _ChunkedLSE(torch.autograd.Function):
                     lse, clse = _forward_online(at, bf, mask_idx, want_cols, chunk)
                 if extra is not None:
                     lse = torch.logaddexp(lse, extra.detach().to(dt))
-        ctx.save_for_backward(a, b, inv_temp, extra, mask_idx, lse, clse, u, v)
+        ctx.save_for_backward(a, b, inv_temp, extra, mask_idx, lse, clse)
+        # Not saved tensors: the first backward takes them and scales them in place into
+        # the gradients ((N + M) x D less at its peak); a second backward through the
+        # same graph (retain_graph=True) recomputes the tiles instead.
+        ctx.eager = (u, v) if eager else None
         ctx.want_cols = want_cols
         ctx.chunk = chunk
         ctx.shift = shift
@@ -348,7 +366,9 @@ class _ChunkedLSE(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx, g_lse: torch.Tensor, g_clse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        a, b, inv_temp, extra, mask_idx, lse, clse, u, v = ctx.saved_tensors
+        a, b, inv_temp, extra, mask_idx, lse, clse = ctx.saved_tensors
+        u, v = ctx.eager if ctx.eager is not None else (None, None)
+        ctx.eager = None
         with no_autocast(a.device):
             return _ChunkedLSE._backward(
                 ctx, g_lse, g_clse, a, b, inv_temp, extra, mask_idx, lse, clse, u, v
@@ -379,21 +399,21 @@ class _ChunkedLSE(torch.autograd.Function):
         if u_eager is not None:
             # The forward's U = P @ B and V = P^T @ at: G = g_i P_ij, so G @ B = g (.) U
             # for any g, and G^T @ at = c V when every g_i is the same c.
-            u = u_eager * g_lse[:, None]
+            u = u_eager.mul_(g_lse[:, None])
             db = None
-            if need_b and _uniform(g_lse):
-                db = v_eager * (g_lse[0] if g_lse.numel() else 0.0)
+            if need_b and same_for_every_row(g_lse):
+                db = v_eager.mul_(g_lse[0] if g_lse.numel() else 0.0)
             elif need_b:
                 db = _ChunkedLSE._recompute(ctx, af * t, b, mask_idx, lse, clse, g_lse, None)[1]
         else:
             u, db = _ChunkedLSE._recompute(ctx, af * t, b, mask_idx, lse, clse, g_lse, g_clse)
         grad_a = grad_b = grad_t = grad_extra = None
+        if ctx.needs_input_grad[2]:
+            grad_t = row_dots(af, u).sum().to(inv_temp.dtype).reshape(inv_temp.shape)
         if ctx.needs_input_grad[0]:
-            grad_a = (u * t).to(a.dtype)
+            grad_a = u.mul_(t).to(a.dtype)  # U is not needed after dt
         if need_b:
             grad_b = db.to(b.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_t = (af * u).sum().to(inv_temp.dtype).reshape(inv_temp.shape)
         if extra is not None and ctx.needs_input_grad[3]:
             grad_extra = (g_lse * (extra.detach().to(dt) - lse).exp()).to(extra.dtype)
         return grad_a, grad_b, grad_t, grad_extra, None, None, None, None

@@ -21,7 +21,8 @@ sums of ``sigmoid(Z)``, three matmul units in all instead of the four of a forwa
 a recomputing backward. Every term but ``db`` is a per-row scaling of these, exact for
 any upstream gradient g; ``db`` is exact from ``V`` when g is the same for every row
 (``"mean"`` and ``"sum"``), and otherwise the backward recomputes the tiles once for it.
-Memory: the inputs, ``U`` and ``V`` (float32, 2 x (N + M) x D at most) and two tiles.
+Memory: the inputs, ``U`` and ``V`` (float32, (N + M) x D) and three tiles; the first
+backward turns U and V into the gradients in place.
 
 Accumulation is in float32 (float64 for float64 inputs), also for float16 / bfloat16.
 ``softplus`` needs no shift and cannot overflow: ``softplus(z) = max(z, 0) + log1p(e)``
@@ -36,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from dist_infonce.kernels.chunked import DEFAULT_CHUNK, compute_dtype, no_autocast
+from dist_infonce.kernels.chunked import (
+    DEFAULT_CHUNK,
+    compute_dtype,
+    no_autocast,
+    row_dots,
+    same_for_every_row,
+)
 
 __all__ = ["chunked_sigmoid_sums", "dense_sigmoid_sums", "softplus_threshold"]
 
@@ -170,37 +177,46 @@ class _SigmoidSums(torch.autograd.Function):
                 af, bf, t, c, chunk,
                 want_u=want_a or want_scale, want_v=want_b, want_rows=want_bias,
             )  # fmt: skip
-        ctx.save_for_backward(a, b, scale, bias, u, v, srow)
+        ctx.save_for_backward(a, b, scale, bias)
+        # Not saved tensors: the first backward takes them and turns them into the
+        # gradients in place (2 x (N + M) x D less at its peak); a second backward
+        # through the same graph (retain_graph=True) recomputes them.
+        ctx.eager = (u, v, srow)
         ctx.chunk = chunk
         return sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        a, b, scale, bias, u, v, srow = ctx.saved_tensors
+        a, b, scale, bias = ctx.saved_tensors
         need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
         with no_autocast(a.device):
             dt = compute_dtype(a.dtype)
             g = g.to(dt)
             t = scale.detach().to(dt)
+            c = float(bias.detach())
+            af = a.detach().to(dt)
+            bf = b.detach().to(dt)
+            u, v, srow = ctx.eager if ctx.eager is not None else (None, None, None)
+            ctx.eager = None
+            if (need_a or need_scale) and u is None:
+                u = _forward(af, bf, t, c, ctx.chunk, True, False, False)[1]
+            if need_bias and srow is None:
+                srow = _forward(af, bf, t, c, ctx.chunk, False, False, True)[3]
             grad_a = grad_b = grad_scale = grad_bias = None
-            if need_a:
-                grad_a = (u * (g * t)[:, None]).to(a.dtype)
             if need_scale:
-                af = a.detach().to(dt)
-                grad_scale = (af * u).sum(1).mul_(g).sum().to(scale.dtype).reshape(scale.shape)
+                grad_scale = row_dots(af, u).mul_(g).sum().to(scale.dtype).reshape(scale.shape)
             if need_bias:
                 grad_bias = (g * srow).sum().to(bias.dtype).reshape(bias.shape)
+            if need_a:
+                grad_a = u.mul_((g * t)[:, None]).to(a.dtype)
             if need_b:
                 # One cotangent for every row ("mean", "sum"): V scaled is exact. Any
                 # other (reduction="none" with weights) recomputes the tiles once.
-                if g.numel() == 0 or bool((g == g[0]).all()):
-                    g0 = g[0] if g.numel() else g.new_zeros(())
-                    grad_b = (v * g0).to(b.dtype)
+                if v is not None and same_for_every_row(g):
+                    grad_b = v.mul_(g[0] if g.numel() else 0.0).to(b.dtype)
                 else:
-                    af = a.detach().to(dt)
-                    bf = b.detach().to(dt)
-                    grad_b = _weighted_v(af, bf, t, float(bias.detach()), g, ctx.chunk).to(b.dtype)
+                    grad_b = _weighted_v(af, bf, t, c, g, ctx.chunk).to(b.dtype)
         return grad_a, grad_b, grad_scale, grad_bias, None, None
 
 
