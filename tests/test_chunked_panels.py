@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_infonce.kernels import chunked_lse, dense_lse
-from dist_infonce.kernels.chunked import panel_rows
+from dist_infonce.kernels.chunked import PANEL_TILES, panel_rows
 from tests.conftest import record_error
 
 
@@ -37,7 +37,7 @@ def run(fn, base, t: float, *, weights: torch.Tensor | None, want: tuple[bool, .
 def test_panels_match_dense(chunk: int, t: float, cotangent: str, masked: bool) -> None:
     # t = 10 with unit-ish rows: a valid fixed shift (exp(s) as it is); t = 100 and
     # norms ~1.3: |s| up to ~500, each row shifted by its panel maximum. Panels of
-    # 8 * chunk^2 // M rows divide nothing (M = 13). The per-row cotangent takes the
+    # PANEL_TILES * chunk^2 // M rows divide nothing (M = 13). The per-row cotangent takes the
     # backward's recompute for dB.
     n, m, d = 11, 13, 4
     base = inputs(n, m, d, seed=chunk, scale=0.35)
@@ -49,7 +49,7 @@ def test_panels_match_dense(chunk: int, t: float, cotangent: str, masked: bool) 
     want = (True, True, True, True)
     got = run(chunked_lse, base, t, weights=weights, want=want, chunk_size=chunk, **kw)
     ref = run(dense_lse, base, t, weights=weights, want=want, **kw)
-    assert panel_rows(n, m, chunk) == min(n, max(1, 8 * chunk * chunk // m))
+    assert panel_rows(n, m, chunk) == min(n, max(1, PANEL_TILES * chunk * chunk // m))
     for name, a, e in zip(
         ["lse", "grad a", "grad b", "grad extra", "grad t"], got, ref, strict=True
     ):

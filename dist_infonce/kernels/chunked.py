@@ -18,8 +18,8 @@ so the temperature gradient costs no extra pass over the matrix. Accumulation is
 in float32 (float64 for float64 inputs), also for float16/bfloat16 inputs.
 
 One direction (no column statistic) with a gradient to come takes a shorter road:
-the forward walks *row panels* (a few hundred rows against the whole pool, about
-``8 * chunk_size**2`` logits), where each row's log-sum-exp is final once its panel
+the forward walks *row panels* (rows against the whole pool, about
+``PANEL_TILES * chunk_size**2`` logits), where each row's log-sum-exp is final once its panel
 is, so the softmax weights ``P = exp(S - lse)`` are known on the spot and the panel
 yields ``U = P @ B`` and ``V = P^T @ (t A)`` right away: three matmul units in all
 instead of four (forward, recompute, dA, dB), as torch's ``linear_cross_entropy``
@@ -58,9 +58,10 @@ __all__ = [
 # `python -m dist_infonce.bench --tune-chunk` on the project machine.
 DEFAULT_CHUNK = 1024
 #: Logits of one row panel of the one-direction forward, in tiles of chunk x chunk:
-#: 8 tiles (32 MiB of float32 at the default tile) measured fastest on the project
-#: machine at B = 16384 (512-row panels; 128 or 1024 rows were 6-30% slower).
-PANEL_TILES = 8
+#: 2 tiles (8 MiB of float32 at the default tile; 128 rows at B = 16384). Measured side
+#: by side at B = 16384 on the project machine: 1, 2, 4, 8 tiles within 6% of each
+#: other in time (2 the fastest), the smaller panel the smaller peak.
+PANEL_TILES = 2
 
 
 def no_autocast(device: torch.device) -> torch.autocast:
@@ -228,31 +229,33 @@ def panel_rows(n: int, m: int, chunk: int) -> int:
 
 
 def _forward_panels(
-    at: torch.Tensor,
+    a: torch.Tensor,
+    t: torch.Tensor,
     b: torch.Tensor,
     mask_idx: torch.Tensor | None,
     extra: torch.Tensor | None,
     rows_per_panel: int,
     bounded: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row log-sum-exp and the gradients' factors ``U = P @ B``, ``V = P^T @ at``.
+    """Row log-sum-exp and the gradients' factors ``U = P @ B``, ``V = P^T @ (t A)``.
 
     P = exp(S - lse) are the softmax weights over the pool (and ``extra``, which adds
     to lse only). Each panel holds its rows' logits against the whole pool, so lse is
     final before its weights are used. ``bounded``: exp(S) is safe as it is (a valid
     fixed shift); otherwise each row is shifted by its maximum over the panel (the
-    whole row: no online merging needed).
+    whole row: no online merging needed). The temperature is folded into each panel's
+    rows, not into a copy of A.
 
-    Shape: at (N, D); b (M, D) -> (N,), (N, D), (M, D).
+    Shape: a (N, D); t (); b (M, D) -> (N,), (N, D), (M, D).
     """
-    n, m = at.shape[0], b.shape[0]
-    lse = at.new_empty(n)
-    u = at.new_empty(at.shape)
+    n, m = a.shape[0], b.shape[0]
+    lse = a.new_empty(n)
+    u = a.new_empty(a.shape)
     v = torch.zeros_like(b)
-    panel = at.new_empty((min(rows_per_panel, n), m))
+    panel = a.new_empty((min(rows_per_panel, n), m))
     for i0 in range(0, n, rows_per_panel):
         rows = slice(i0, i0 + rows_per_panel)
-        ap = at[rows]
+        ap = a[rows] * t
         p = panel[: ap.shape[0]]
         torch.mm(ap, b.T, out=p)
         _mask_tile(p, None if mask_idx is None else mask_idx[rows], 0)
@@ -268,7 +271,7 @@ def _forward_panels(
         if shift is not None:
             row_lse.add_(shift)
         if extra is not None:
-            row_lse = torch.logaddexp(row_lse, extra[rows].detach().to(at.dtype))
+            row_lse = torch.logaddexp(row_lse, extra[rows].detach().to(a.dtype))
         lse[rows] = row_lse
         # P = E * w_i, w_i = exp(shift_i - lse_i); 0 for a row with an empty sum.
         w = row_lse.neg() if shift is None else shift - row_lse
@@ -336,16 +339,18 @@ class _ChunkedLSE(torch.autograd.Function):
         dt = compute_dtype(a.dtype)
         with no_autocast(a.device):
             t = inv_temp.detach().to(dt)
-            # Fold the temperature into A once (N x D) instead of scaling every tile.
-            at = a.detach().to(dt) * t
+            af = a.detach().to(dt)
             bf = b.detach().to(dt)
-            shift = _fixed_shift(at, bf)
             u = v = None
             if eager:
-                rows = panel_rows(at.shape[0], bf.shape[0], chunk)
-                lse, u, v = _forward_panels(at, bf, mask_idx, extra, rows, shift is not None)
+                shift = shift_if_safe(logit_bound(af, bf, scale=t), dt)
+                rows = panel_rows(af.shape[0], bf.shape[0], chunk)
+                lse, u, v = _forward_panels(af, t, bf, mask_idx, extra, rows, shift is not None)
                 clse = lse.new_zeros(0)
             else:
+                # Fold the temperature into A once (N x D) instead of scaling every tile.
+                at = af * t
+                shift = _fixed_shift(at, bf)
                 if shift is not None:
                     lse, clse = _forward_shifted(at, bf, mask_idx, want_cols, chunk)
                 else:
