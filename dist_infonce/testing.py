@@ -22,7 +22,7 @@ __all__ = ["COUNTED", "collective_bytes", "record_collectives"]
 COUNTED = (
     "all_gather_single", "all_gather_into_tensor", "all_gather", "reduce_scatter_single",
     "reduce_scatter_tensor", "reduce_scatter", "all_reduce", "all_to_all", "all_to_all_single",
-    "broadcast", "scatter",
+    "broadcast", "scatter", "batch_isend_irecv",
 )  # fmt: skip
 
 Measure = Callable[[str, tuple[Any, ...], dict[str, Any]], int]
@@ -57,7 +57,9 @@ def collective_bytes(name: str, args: Sequence[Any], kwargs: dict[str, Any], wor
         All-gather: ``(W - 1)`` times the local input; reduce-scatter and all-to-all:
         ``(W - 1) / W`` of the input; all-reduce: ``2 (W - 1) / W`` of the tensor;
         scatter: on the source, the other ranks' tensors, elsewhere nothing;
-        broadcast: the tensor (an upper bound: only the root's tree sends it all).
+        broadcast: the tensor (an upper bound: only the root's tree sends it all);
+        batch_isend_irecv (point-to-point, e.g. OpenCLIP's neighbour exchanges): the
+        tensors of its ``isend`` operations.
 
     Raises:
         ValueError: ``name`` is not a collective this function knows.
@@ -79,6 +81,10 @@ def collective_bytes(name: str, args: Sequence[Any], kwargs: dict[str, Any], wor
         return (world - 1) * _nbytes(src) // world if src else 0
     if name == "broadcast":
         return _nbytes(_arg(args, kwargs, 0, "tensor"))
+    if name == "batch_isend_irecv":
+        ops = _arg(args, kwargs, 0, "p2p_op_list") or []
+        # isend itself is not wrapped (P2POp accepts only the original functions).
+        return sum(_nbytes(op.tensor) for op in ops if op.op is dist.isend)
     raise ValueError(f"collective_bytes: unknown collective {name!r}; expected one of {COUNTED}")
 
 

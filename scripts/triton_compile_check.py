@@ -26,12 +26,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dist_infonce.kernels import _triton_kernels as K
+from dist_infonce.kernels import _triton_sigmoid_kernels as S
 
 # Pointers in the input dtype; the other pointers are float32 (mask_ptr: int64).
 _PTR = {"a_ptr", "b_ptr", "db_ptr"}
 _F32_PTRS = {
     "t_ptr", "lse_ptr", "csum_ptr", "rshift_ptr", "rcoef_ptr", "cshift_ptr", "ccoef_ptr",
-    "u_ptr", "dt_ptr",
+    "u_ptr", "dt_ptr", "c_ptr", "out_ptr", "g_ptr", "dc_ptr",
 }  # fmt: skip
 
 
@@ -113,6 +114,18 @@ def variants(block: int, block_d: int, dtypes: list[str]) -> list[tuple]:
     return out
 
 
+def sigmoid_variants(block: int, block_d: int, dtypes: list[str]) -> list[tuple]:
+    """The SigLIP kernels (:mod:`dist_infonce.kernels._triton_sigmoid_kernels`)."""
+    out = []
+    for dtype in dtypes:
+        precision = "tf32x3" if dtype == "fp32" else "tf32"
+        common = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": 64, "PRECISION": precision,
+                  "DOT_F32": False}  # fmt: skip
+        out.append((S.sigmoid_fwd_kernel, dtype, common))
+        out.append((S.sigmoid_bwd_kernel, dtype, {**common, "BLOCK_D": block_d}))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--block", type=int, default=64)
@@ -122,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="fwd,bwd", help="which kernels: fwd,bwd")
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     args = p.parse_args(argv)
-    for fn, dtype, c in variants(args.block, args.block_d, args.dtypes.split(",")):
+    dtypes = args.dtypes.split(",")
+    every = variants(args.block, args.block_d, dtypes)
+    every += sigmoid_variants(args.block, args.block_d, dtypes)
+    for fn, dtype, c in every:
         if fn.__name__.split("_")[1] not in args.kernels.split(","):
             continue
         r = compile_one(fn, dtype, c, args.warps, stages=args.stages)

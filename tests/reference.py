@@ -67,3 +67,25 @@ def ref_nt_xent(
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
     labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
     return _reduce(F.cross_entropy(logits, labels, reduction="none"), reduction)
+
+
+def ref_siglip(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: float | torch.Tensor,
+    bias: float | torch.Tensor,
+    labels: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """SigLIP's loss from its definition: the full sign matrix and -logsigmoid(s * z)."""
+    x, y = x.double(), y.double()
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    z = scale * (x @ y.T) + bias
+    if labels is None:
+        positive = torch.eye(x.shape[0], dtype=torch.bool)
+    else:
+        positive = labels[:, None] == labels[None, :]
+    sign = positive.double() * 2 - 1
+    return _reduce(-F.logsigmoid(sign * z).sum(1), reduction)

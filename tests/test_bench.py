@@ -5,6 +5,7 @@ grid the options ask for, clear errors, and its outputs (JSON, table, plot)."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,16 @@ from dist_infonce.kernels import DEFAULT_CHUNK
 from tests.bench_cli import read_json, run_bench
 from tests.conftest import record_error
 
-CPU_METHODS = {"dense", "chunked", "info_nce_pytorch", "open_clip"}
+HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+CPU_METHODS = {"dense", "chunked", "torch_lce", "info_nce_pytorch", "open_clip"}
 ALL_METHODS = CPU_METHODS | {"triton", "inf_cl"}
 
 
 def _floor_flops(row: dict[str, Any]) -> float:
-    return 4 * 2.0 * row["B"] * row["B"] * row["D"]  # the 4-matmul floor, N = M = B
+    # The matmul floor, N = M = B: one direction and SigLIP form their gradient in the
+    # forward (3 matmuls), the symmetric loss recomputes (4).
+    units = {"one": 3, "sym": 4, "siglip": 3}[row["mode"]]
+    return units * 2.0 * row["B"] * row["B"] * row["D"]
 
 
 def test_cli_rows_json_table_png(tmp_path: Path) -> None:
@@ -57,6 +62,34 @@ def test_cli_rows_json_table_png(tmp_path: Path) -> None:
     assert (out / "bench.png").stat().st_size > 0
 
 
+def test_siglip_and_torch_linear_cross_entropy_rows(tmp_path: Path) -> None:
+    # SigLIP rows (ours dense and tiled, OpenCLIP's SigLipLoss where installed) and
+    # torch's F.linear_cross_entropy as a peer of the softmax rows: each computes the
+    # loss of its mode's reference row on the same inputs.
+    out = tmp_path / "out"
+    methods = "dense,chunked,torch_lce" + (",open_clip" if HAS_OPEN_CLIP else "")
+    proc = run_bench(
+        "--sizes", "200", "--dims", "16", "--repeats", "1", "--chunk", "64",
+        "--methods", methods, "--modes", "one,sym,siglip", "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {(r["method"], r["mode"]): r for r in read_json(out / "bench.json")["rows"]}
+    expected = {("torch_lce", "one"), ("torch_lce", "sym"), ("chunked", "siglip")}
+    if HAS_OPEN_CLIP:
+        expected.add(("open_clip", "siglip"))
+    for key in expected:
+        row = rows[key]
+        assert row["status"] == "ok", row
+        ref = rows[("dense", key[1])]
+        got = torch.tensor(row["loss"])
+        assert (
+            record_error(f"bench {key[0]} row vs dense ({key[1]})", got, torch.tensor(ref["loss"]))
+            <= 1e-5
+        )
+        assert row["achieved_gflops"] == pytest.approx(_floor_flops(row) / row["time_s"] / 1e9)
+    assert "| 200 | 16 | siglip | chunked[64] |" in (out / "table.md").read_text()
+
+
 # --------------------------------------------------------------- the grid (--dry-run)
 
 
@@ -83,8 +116,10 @@ def test_full_cpu_grid_peer_modes_tile_edges_and_skip_rules(tmp_path: Path) -> N
         if r["method"] == "chunked" and r["B"] == 4096 and r["mode"] == "one"
     ]
     assert sorted(chunks) == sorted({DEFAULT_CHUNK, 512, 1024})
-    # Past B = 32768 only the chunked kernel runs (one direction); D = 512 at B = 16384 only.
-    assert {(r["method"], r["mode"]) for r in rows if r["B"] > 32768} == {("chunked", "one")}
+    # Past B = 32768 only the chunked kernel runs (one direction, SigLIP); D = 512 at
+    # B = 16384 only.
+    big = {(r["method"], r["mode"]) for r in rows if r["B"] > 32768}
+    assert big == {("chunked", "one"), ("chunked", "siglip")}
     assert {(r["B"], r["D"]) for r in rows if r["D"] != 128} == {(16384, 512)}
     assert {r["B"] for r in rows} == {4096, 8192, 16384, 32768, 65536, 131072}
     # The dense memory estimate (3.1 / 4.1 copies of the B x B float32 logits) against
@@ -106,7 +141,8 @@ def test_gpu_grid_with_triton_variants(tmp_path: Path) -> None:
     points = {(b, 512) for b in (16384, 65536, 262144, 1048576)} | {(65536, 1024)}
     assert {(r["B"], r["D"]) for r in rows} == points
     assert {r["method"] for r in rows} == ALL_METHODS
-    assert {r["mode"] for r in rows if r["method"] in ("triton", "inf_cl")} == {"one", "sym"}
+    assert {r["mode"] for r in rows if r["method"] == "triton"} == {"one", "sym", "siglip"}
+    assert {r["mode"] for r in rows if r["method"] == "inf_cl"} == {"one", "sym"}
     for b, d in points:
         for mode in ("one", "sym"):
             labels = {

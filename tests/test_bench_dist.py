@@ -34,7 +34,7 @@ def world_2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("bench-dist")
     proc = run_bench(
         "--world", "2", "--sizes", str(B), "--dims", str(D), "--repeats", "1", "--chunk", "20",
-        "--out", str(tmp), cwd=tmp,
+        "--modes", "one,sym", "--out", str(tmp), cwd=tmp,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = read_json(tmp / "bench_dist.json")
@@ -83,6 +83,37 @@ def test_world_2_open_clip_rows(world_2: dict[str, Any]) -> None:
     assert _same_loss("bench dist: ours sym vs OpenCLIP", rows[("ours", "sym")], peer) <= 1e-5
     # OpenCLIP gathers both towers: twice our symmetric loss's tower bytes.
     assert peer["sent_mib"] * 2**20 == 4 * TOWER
+
+
+SIGLIP_PEERS = ("open_clip_bidir", "open_clip_shift", "open_clip_reduce", "open_clip_gather")
+
+
+def test_world_2_siglip_rows_count_point_to_point_bytes(tmp_path: Path) -> None:
+    proc = run_bench(
+        "--world", "2", "--sizes", str(B), "--dims", str(D), "--repeats", "1", "--chunk", "20",
+        "--modes", "siglip", "--out", str(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["method"]: r for r in read_json(tmp_path / "bench_dist.json")["rows"]}
+    assert set(rows) == {"ours", *SIGLIP_PEERS}
+    ours = rows["ours"]
+    assert ours["status"] == "ok" and ours["mode"] == "siglip"
+    # One gather of the y tower (after the size exchange), one reduce-scatter back.
+    names = [c.split(":")[0] for c in ours["collectives"]]
+    assert names == ["all_gather_single", "all_gather_single", "reduce_scatter_single"]
+    assert 2 * TOWER < ours["sent_mib"] * 2**20 < 2 * TOWER + 200
+    if not HAS_OPEN_CLIP:
+        assert all(rows[m]["status"] == "skipped" for m in SIGLIP_PEERS)
+        return
+    # The ring exchanges (both ways at W = 2: one hop) and the gather move the y tower
+    # once each way too; the all-reduce variant twice as much. Same loss everywhere.
+    expected = {"open_clip_bidir": 2, "open_clip_shift": 2, "open_clip_reduce": 4,
+                "open_clip_gather": 2}  # fmt: skip
+    for m in SIGLIP_PEERS:
+        assert rows[m]["status"] == "ok", rows[m]
+        assert _same_loss(f"bench dist: ours siglip vs {m}", ours, rows[m]) <= 1e-5
+        assert rows[m]["sent_mib"] * 2**20 == expected[m] * TOWER, m
+    assert "batch_isend_irecv" in rows["open_clip_shift"]["collectives"][0]
 
 
 def test_missing_peer_is_a_skipped_row(tmp_path: Path) -> None:

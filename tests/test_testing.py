@@ -4,6 +4,8 @@ tests/test_dist.py (which collectives a loss issues) and the distributed benchma
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,6 +25,10 @@ def test_collective_bytes_ring_costs() -> None:
     assert collective_bytes("scatter", (x, [x] * 4, 0), {}, 4) == 3 * 160
     assert collective_bytes("scatter", (x, None, 1), {}, 4) == 0
     assert collective_bytes("broadcast", (), {"tensor": x}, 4) == 160
+    # Point-to-point: the isends of the batch (P2POp's two fields; building a real one
+    # needs a process group, which the distributed benchmark's tests have).
+    ops = [SimpleNamespace(op=dist.isend, tensor=x), SimpleNamespace(op=dist.irecv, tensor=out)]
+    assert collective_bytes("batch_isend_irecv", (ops,), {}, 4) == 160
     with pytest.raises(ValueError, match="unknown collective 'send'"):
         collective_bytes("send", (x,), {}, 2)
 

@@ -248,8 +248,9 @@ def _open_clip_loss_path() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "loss.py"
 
 
-def load_open_clip_loss() -> type[torch.nn.Module]:
-    """OpenCLIP's ``ClipLoss`` without importing the ``open_clip`` package.
+def load_open_clip_loss(name: str = "ClipLoss") -> type[torch.nn.Module]:
+    """OpenCLIP's ``ClipLoss`` (or another class of its loss module, e.g.
+    ``"SigLipLoss"``) without importing the ``open_clip`` package.
 
     The package ``__init__`` pulls in the models and torchvision; the loss module
     itself needs only torch, so it is loaded from its file.
@@ -265,7 +266,7 @@ def load_open_clip_loss() -> type[torch.nn.Module]:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(loss_spec)
     loss_spec.loader.exec_module(module)
-    return module.ClipLoss
+    return getattr(module, name)
 
 
 def _triton_runs_here(device: str) -> bool:
@@ -286,6 +287,8 @@ def peer_missing(method: str, device: str = "cpu") -> str | None:
             return "inf-cl is not installed"
         if device != "cuda":
             return "inf_cl is benchmarked on CUDA only"
+    if method == "torch_lce" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
     if method == "info_nce_pytorch" and importlib.util.find_spec("info_nce") is None:
         return "info-nce-pytorch is not installed"
     if method == "open_clip":

@@ -32,6 +32,16 @@ normalises them again, O(B * D), as a user's call would):
   the same bytes as all-to-all). A peer, not a dependency: where open-clip-torch is
   not installed its rows are "skipped" with the reason.
 
+Mode ``siglip`` (SigLIP's sigmoid loss at t = 10, b = -10, both requiring grad):
+
+- ``ours``: ``siglip_loss(x, y, t, b, gather=True, chunk_size=--chunk)``: one gather of
+  the y tower forward, one reduce-scatter of its gradient backward;
+- ``open_clip_bidir``, ``open_clip_shift``, ``open_clip_reduce``, ``open_clip_gather``:
+  OpenCLIP's ``SigLipLoss(dist_impl=...)``: the y tower passed around the ring by
+  point-to-point exchanges (both ways, or one way; bytes counted from
+  ``batch_isend_irecv``), one all-reduce per rank, or one all-gather
+  (``torch.distributed.nn``), each block's logits dense.
+
 Outputs in ``--out``: ``bench_dist.json`` and ``table_dist.md`` (also printed).
 """
 
@@ -69,12 +79,18 @@ from dist_infonce.testing import collective_bytes, record_collectives
 
 __all__ = ["DistConfig", "build_grid", "build_parser", "format_table", "main", "run_world"]
 
-METHODS = ("ours", "ours_two_calls", "open_clip")
+#: OpenCLIP's SigLipLoss(dist_impl=...), one method each.
+SIGLIP_PEERS = ("open_clip_bidir", "open_clip_shift", "open_clip_reduce", "open_clip_gather")
+METHODS = ("ours", "ours_two_calls", "open_clip", *SIGLIP_PEERS)
+MODES = ("one", "sym", "siglip")
 METHOD_MODES: dict[str, tuple[str, ...]] = {
-    "ours": ("one", "sym"),
+    "ours": ("one", "sym", "siglip"),
     "ours_two_calls": ("sym",),
     "open_clip": ("sym",),
+    **{m: ("siglip",) for m in SIGLIP_PEERS},
 }
+#: SigLIP's initial scale t and bias b.
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 DEFAULT_SIZES = (1024, 2048, 4096)
 
 
@@ -110,9 +126,27 @@ class DistConfig:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _siglip_fn(cfg: DistConfig) -> LossFn:
+    scale = torch.tensor(SIGLIP_SCALE, requires_grad=True)
+    bias = torch.tensor(SIGLIP_BIAS, requires_grad=True)
+    if cfg.method == "ours":
+        from dist_infonce import siglip_loss
+
+        chunk = cfg.chunk
+        return lambda x, y: siglip_loss(x, y, scale, bias, gather=True, chunk_size=chunk)
+    peer = load_open_clip_loss("SigLipLoss")(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        dist_impl=cfg.method.removeprefix("open_clip_"),
+    )
+    return lambda x, y: peer(x, y, scale, bias)
+
+
 def _loss_fn(cfg: DistConfig) -> LossFn:
     from dist_infonce import info_nce
 
+    if cfg.mode == "siglip":
+        return _siglip_fn(cfg)
     t, chunk = cfg.temperature, cfg.chunk
     if cfg.method == "ours":
         sym = cfg.mode == "sym"
@@ -289,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dist_infonce.bench --world W",
         description="Per-rank fwd+bwd time and bytes sent of the gathered loss on W gloo "
-        "processes: ours (one direction, symmetric) vs OpenCLIP's local loss.",
+        "processes: ours (one direction, symmetric, SigLIP) vs OpenCLIP's ClipLoss and its "
+        "SigLipLoss variants.",
     )
     p.add_argument("--world", type=int, required=True, help="number of gloo processes (>= 2)")
     p.add_argument(
@@ -302,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods", type=csv_choices(METHODS), default=list(METHODS), help=",".join(METHODS)
     )
+    p.add_argument("--modes", type=csv_choices(MODES), default=list(MODES), help=",".join(MODES))
     p.add_argument("--chunk", type=int, default=1024, help="tile edge of our chunked kernel")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
@@ -317,7 +353,7 @@ def build_grid(args: argparse.Namespace) -> list[DistConfig]:
     for d in args.dims:
         for b in args.sizes:
             for method in args.methods:
-                for mode in METHOD_MODES[method]:
+                for mode in (m for m in METHOD_MODES[method] if m in args.modes):
                     grid.append(
                         DistConfig(
                             method=method,
@@ -335,14 +371,15 @@ def build_grid(args: argparse.Namespace) -> list[DistConfig]:
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
-    """Time and bytes relative to ours one-direction at the same (B, D)."""
+    """Time and bytes relative to ours at the same (B, D): one direction for the softmax
+    rows, ours siglip for the siglip rows."""
     ref = {
-        (r["batch"], r["dim"]): r
+        (r["batch"], r["dim"], r["mode"] == "siglip"): r
         for r in rows
-        if r["method"] == "ours" and r["mode"] == "one" and r["status"] == "ok"
+        if r["method"] == "ours" and r["mode"] in ("one", "siglip") and r["status"] == "ok"
     }
     for r in rows:
-        base = ref.get((r["batch"], r["dim"]))
+        base = ref.get((r["batch"], r["dim"], r["mode"] == "siglip"))
         if base is not None and r["status"] == "ok":
             r["time_vs_one"] = r["time_s"] / base["time_s"]
             r["bytes_vs_one"] = r["sent_mib"] / base["sent_mib"] if base["sent_mib"] else None
@@ -363,8 +400,8 @@ def _table_line(r: dict[str, Any]) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the rows."""
     head = (
-        "| W | B/rank | D | method | mode | time/rank s | x one-dir | sent MiB/rank "
-        "| x one-dir | extra MiB | loss | load |\n|" + "---|" * 12 + "\n"
+        "| W | B/rank | D | method | mode | time/rank s | x ours | sent MiB/rank "
+        "| x ours | extra MiB | loss | load |\n|" + "---|" * 12 + "\n"
     )
     return head + "".join(_table_line(r) for r in rows)
 
@@ -373,7 +410,7 @@ def _run_grid(grid: list[DistConfig], timeout: float) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for i, cfg in enumerate(grid, 1):
         row: dict[str, Any] = {**asdict(cfg), "load_before": load_avg()}
-        missing = peer_missing("open_clip") if cfg.method == "open_clip" else None
+        missing = peer_missing("open_clip") if cfg.method.startswith("open_clip") else None
         if missing:
             row.update(status="skipped", reason=missing)
         else:

@@ -1,6 +1,6 @@
-"""The loss sweep: dense InfoNCE vs the chunked kernel vs peers, forward + backward.
+"""The loss sweep: dense losses vs our tiled kernels vs peers, forward + backward.
 
-Run ``python -m dist_infonce.bench --quick`` (about two minutes on a 2-core CPU)
+Run ``python -m dist_infonce.bench --quick`` (a few minutes on a 2-core CPU)
 or ``python -m dist_infonce.bench`` for the full sweep. Every row is one
 configuration (method x mode x B x D) measured in a fresh subprocess, so its peak
 memory is its own:
@@ -11,21 +11,26 @@ memory is its own:
   use once the inputs exist, the peak being reset just before the pass
   (:mod:`dist_infonce.memory`: the RSS high-water mark on CPU,
   ``torch.cuda.max_memory_allocated`` on CUDA);
-- floor fraction: the time of the 4 matmuls an exact chunked kernel cannot avoid
-  (forward logits; backward recompute, dq, dk: 4 x 2*N*M*D flops) at the
-  machine's measured matmul rate, divided by the measured time. 1.0 is the floor.
+- floor fraction: the time of the matmuls an exact tiled kernel cannot avoid, each
+  2*N*M*D flops, at the machine's measured matmul rate, divided by the measured
+  time (1.0 is the floor): 3 for one direction and for SigLIP (logits, dq, dk: the
+  gradient formed in the forward), 4 for the symmetric loss (whose column statistic
+  needs every row before any gradient: logits, then recompute, dq, dk).
 
-Methods: ``dense`` (our reference: ``q @ k.T / t`` and ``F.cross_entropy``),
-``chunked`` (``dist_infonce.info_nce`` with a tile edge), and, where installed,
-``info_nce_pytorch`` (one direction) and ``open_clip`` (``ClipLoss``, symmetric).
-On CUDA also ``triton`` (``info_nce(..., kernel="triton")``, the fused kernel;
-also on CPU under ``TRITON_INTERPRET=1``, slowly, to check its rows) and ``inf_cl``
-(Inf-CL's ``cal_inf_loss``; symmetric = its two calls, as its authors do).
-Modes: ``one`` (in-batch, one direction) and ``sym`` (symmetric / CLIP).
+Methods: ``dense`` (our reference: ``q @ k.T / t`` and ``F.cross_entropy``; SigLIP:
+``siglip_loss(kernel="dense")``), ``chunked`` (``info_nce`` / ``siglip_loss`` with a
+tile edge), ``torch_lce`` (torch's chunked ``F.linear_cross_entropy(q / t, k, arange)``,
+torch >= 2.13; symmetric = two calls), and, where installed, ``info_nce_pytorch``
+(one direction) and ``open_clip`` (``ClipLoss``, symmetric; ``SigLipLoss`` for SigLIP).
+On CUDA also ``triton`` (``kernel="triton"``, the fused kernels; also on CPU under
+``TRITON_INTERPRET=1``, slowly, to check its rows) and ``inf_cl`` (Inf-CL's
+``cal_inf_loss``; symmetric = its two calls, as its authors do). Modes: ``one``
+(in-batch, one direction), ``sym`` (symmetric / CLIP) and ``siglip`` (SigLIP's
+sigmoid loss at t = 10, b = -10, both requiring grad).
 
 ``--device cuda`` runs the GPU sweep: bf16, D = 512 at B = 16k..1M (each method up
 to the size that fits its memory and time) and D = 1024 at B = 64k. The achieved
-rate is the 4-matmul floor's flops over the measured time; the floor fraction is
+rate is the floor's flops over the measured time; the floor fraction is
 that rate over the measured matmul rate in the same dtype (bf16 tensor cores on
 CUDA). A method that runs past ``--timeout`` at some B is not tried at larger B.
 ``bench.json`` is rewritten after every row, so a run cut short keeps what it
@@ -73,24 +78,30 @@ from dist_infonce.kernels import DEFAULT_CHUNK
 __all__ = ["build_grid", "build_parser", "main"]
 
 #: What runs on CPU: the fused kernel and Inf-CL need CUDA.
-CPU_METHODS = ("dense", "chunked", "info_nce_pytorch", "open_clip")
-MODES = ("one", "sym")
+CPU_METHODS = ("dense", "chunked", "torch_lce", "info_nce_pytorch", "open_clip")
+MODES = ("one", "sym", "siglip")
+#: Modes the sizes past the dense methods' reach run in (the chunked kernel only).
+CHUNKED_ONLY_MODES = ("one", "siglip")
 #: Copies of the (B, B) logits a dense method keeps alive at its peak; the skip
 #: rule multiplies B * B * itemsize by this. Measured (extra RSS / (B*B*4) at
 #: B=8192, float32, on the project machine): dense one-direction 3.0 (matmul
 #: output, scaled logits, log-softmax saved by cross_entropy; its gradient
 #: reuses freed blocks), info-nce-pytorch 3.05, dense symmetric 4.0 (the
 #: transposed direction's log-softmax), OpenCLIP ClipLoss 4.05; rounded up.
+#: SigLIP at B=16384: our dense path 4.05 (logits, softplus, their gradients),
+#: OpenCLIP's SigLipLoss 5.06 (it also builds the +-1 label matrix).
 DENSE_COPIES: dict[tuple[str, str], float] = {
     ("dense", "one"): 3.1,
     ("dense", "sym"): 4.1,
+    ("dense", "siglip"): 4.1,
     ("info_nce_pytorch", "one"): 3.1,
     ("open_clip", "sym"): 4.1,
+    ("open_clip", "siglip"): 5.1,
 }
 
 QUICK_SIZES = (2048, 4096, 8192)
 FULL_SIZES = (4096, 8192, 16384, 32768)
-#: Sizes only the chunked kernel runs (one direction) in the full sweep: dense
+#: Sizes only the chunked kernel runs (one direction, SigLIP) in the full sweep: dense
 #: would need 64 GiB and 256 GiB.
 FULL_CHUNKED_ONLY_SIZES = (65536, 131072)
 #: (B, D) added to the full sweep for every method and mode: a wider embedding.
@@ -165,7 +176,7 @@ def build_grid(args: argparse.Namespace) -> list[Config]:
     grid: list[Config] = []
     for b, d, chunked_only in _points(args):
         for mode in args.modes:
-            if chunked_only and mode != "one":
+            if chunked_only and mode not in CHUNKED_ONLY_MODES:
                 continue
             for method in args.methods:
                 if mode not in METHOD_MODES[method] or (chunked_only and method != "chunked"):
@@ -354,7 +365,7 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dims", type=csv_ints, help="embedding dims D, e.g. 128,512 (replaces the sweep)"
     )
-    p.add_argument("--modes", type=csv_choices(MODES), default=list(MODES), help="one,sym")
+    p.add_argument("--modes", type=csv_choices(MODES), default=list(MODES), help=",".join(MODES))
     p.add_argument(
         "--methods",
         type=csv_choices(METHODS),
@@ -439,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m dist_infonce.bench``."""
     p = argparse.ArgumentParser(
         prog="python -m dist_infonce.bench",
-        description="fwd+bwd time and peak memory of dense vs chunked InfoNCE vs peers.",
+        description="fwd+bwd time and peak memory of dense vs tiled InfoNCE / SigLIP vs peers.",
         epilog="Other modes: 'python -m dist_infonce.bench --world N ...' (or 'dist --world "
         "N'), the gathered loss on N gloo processes; 'python -m dist_infonce.bench cache', "
         "a trainer step with and without gradient caching. Each has its own --help.",

@@ -9,12 +9,18 @@ from typing import Any
 from dist_infonce.bench.common import fmt, log_log_axes, pyplot, save_figure, write_json
 from dist_infonce.bench.loss_worker import METHODS, Config
 
-__all__ = ["floor_flops", "format_table", "plot", "write_outputs"]
+__all__ = ["FLOOR_MATMULS", "floor_flops", "format_table", "plot", "write_outputs"]
+
+
+#: Matmuls of 2*N*M*D flops an exact tiled kernel cannot avoid, per mode: one
+#: direction and SigLIP form their gradients in the forward (logits, dq, dk); the
+#: symmetric loss's column statistic needs every row first (logits; recompute, dq, dk).
+FLOOR_MATMULS = {"one": 3, "sym": 4, "siglip": 3}
 
 
 def floor_flops(cfg: Config) -> float:
-    """Flops of the 4-matmul floor: 4 x 2*N*M*D with N = M = B (also symmetric)."""
-    return 4 * 2.0 * cfg.batch * cfg.batch * cfg.dim
+    """Flops of the mode's matmul floor: ``FLOOR_MATMULS[mode] x 2*N*M*D``, N = M = B."""
+    return FLOOR_MATMULS[cfg.mode] * 2.0 * cfg.batch * cfg.batch * cfg.dim
 
 
 def _add_floors(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
@@ -116,16 +122,23 @@ def plot(rows: Sequence[dict[str, Any]], machine: dict[str, Any], path: Path) ->
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.2))
     styles = _plot_series(ax_t, ax_m, plt, ok)
     for d, style in styles.items():
-        # The floor depends only on (B, D); rows of any method carry it.
-        floor_by_b = {r["B"]: r["floor_s"] for r in ok if r["D"] == d and r.get("floor_s")}
-        bs = sorted(floor_by_b)
-        ax_t.plot(
-            bs, [floor_by_b[b] for b in bs], color="black", linestyle=style, linewidth=0.8,
-            alpha=0.6, label=f"4-matmul floor D={d}",
-        )  # fmt: skip
+        # The floor depends on (B, D) and the mode's matmul count; rows of any method
+        # carry it. One line per count present (3: one direction, SigLIP; 4: symmetric).
+        for units in sorted({FLOOR_MATMULS[r["mode"]] for r in ok if r["D"] == d}):
+            floor_by_b = {
+                r["B"]: r["floor_s"]
+                for r in ok
+                if r["D"] == d and r.get("floor_s") and FLOOR_MATMULS[r["mode"]] == units
+            }
+            bs = sorted(floor_by_b)
+            ax_t.plot(
+                bs, [floor_by_b[b] for b in bs], color="black", linestyle=style,
+                linewidth=0.8 if units == 4 else 1.4, alpha=0.6,
+                label=f"{units}-matmul floor D={d}",
+            )  # fmt: skip
     rates = ", ".join(f"D={d}: {g:.0f}" for d, g in machine["matmul_gflops"].items())
     fig.suptitle(
-        f"InfoNCE fwd+bwd, {machine.get('device_name', '?')}, {machine.get('dtype', '?')}, "
+        f"contrastive losses fwd+bwd, {machine.get('device_name', '?')}, {machine.get('dtype', '?')}, "
         f"{machine.get('threads', '?')} threads, matmul GFLOP/s {rates}",
         fontsize=10,
     )

@@ -33,17 +33,21 @@ from dist_infonce.memory import peak_memory_mb, reset_peak
 __all__ = ["METHODS", "METHOD_MODES", "Config", "parse_variant", "run_config", "worker_main"]
 
 #: The methods the worker can measure.
-METHODS = ("dense", "chunked", "info_nce_pytorch", "open_clip", "triton", "inf_cl")
-#: Modes each method implements: info-nce-pytorch has no symmetric loss and
-#: OpenCLIP's ClipLoss is symmetric only.
+METHODS = ("dense", "chunked", "torch_lce", "info_nce_pytorch", "open_clip", "triton", "inf_cl")
+#: Modes each method implements: info-nce-pytorch has no symmetric loss, OpenCLIP's
+#: ClipLoss is symmetric only (its SigLipLoss is the "siglip" mode), torch's
+#: ``F.linear_cross_entropy`` is one direction (symmetric: two calls).
 METHOD_MODES: dict[str, tuple[str, ...]] = {
-    "dense": ("one", "sym"),
-    "chunked": ("one", "sym"),
+    "dense": ("one", "sym", "siglip"),
+    "chunked": ("one", "sym", "siglip"),
+    "torch_lce": ("one", "sym"),
     "info_nce_pytorch": ("one",),
-    "open_clip": ("sym",),
-    "triton": ("one", "sym"),
+    "open_clip": ("sym", "siglip"),
+    "triton": ("one", "sym", "siglip"),
     "inf_cl": ("one", "sym"),
 }
+#: SigLIP's initial scale t and bias b: every "siglip" row computes the loss there.
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 #: Rows of random inputs generated at a time, so that setting up the inputs
 #: leaves no large temporaries behind the baseline.
 _INPUT_BLOCK = 8192
@@ -55,7 +59,8 @@ class Config:
 
     Attributes:
         method: One of ``METHODS``.
-        mode: ``"one"`` (in-batch, one direction) or ``"sym"`` (symmetric / CLIP).
+        mode: ``"one"`` (in-batch, one direction), ``"sym"`` (symmetric / CLIP) or
+            ``"siglip"`` (SigLIP's sigmoid loss at t = 10, b = -10, both learnable).
         batch: B, rows of the query and of the key matrices.
         dim: D, the embedding dimension.
         chunk: Tile edge of the chunked kernel; None for other methods.
@@ -138,8 +143,39 @@ def _inf_cl_loss(t: float, symmetric: bool) -> LossFn:
     return inf_cl
 
 
+def _torch_lce_loss(t: float, symmetric: bool) -> LossFn:
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def lce(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # One direction is a linear layer with weight k over the inputs q / t.
+        labels = torch.arange(q.shape[0], device=q.device)
+        loss = F.linear_cross_entropy(q / t, k, labels, options=options)
+        if not symmetric:
+            return loss
+        return 0.5 * (loss + F.linear_cross_entropy(k / t, q, labels, options=options))
+
+    return lce
+
+
+def _siglip_loss_fn(cfg: Config) -> LossFn:
+    """SigLIP rows: t and b are leaves that require grad (learnable, as SigLIP trains)."""
+    device = torch.device(cfg.device)
+    scale = torch.tensor(SIGLIP_SCALE, device=device, requires_grad=True)
+    bias = torch.tensor(SIGLIP_BIAS, device=device, requires_grad=True)
+    if cfg.method == "open_clip":
+        peer = load_open_clip_loss("SigLipLoss")()
+        return lambda x, y: peer(x, y, scale, bias)
+    from dist_infonce import siglip_loss
+
+    kernel = {"dense": "dense", "chunked": "chunked", "triton": "triton"}[cfg.method]
+    chunk = None if kernel == "dense" else cfg.chunk
+    return lambda x, y: siglip_loss(x, y, scale, bias, kernel=kernel, chunk_size=chunk)
+
+
 def _loss_fn(cfg: Config) -> LossFn:
     """The loss under test, as ``fn(query, key) -> scalar``."""
+    if cfg.mode == "siglip":
+        return _siglip_loss_fn(cfg)
     t, symmetric = cfg.temperature, cfg.mode == "sym"
     if cfg.method == "dense":
         return _dense_loss(t, symmetric)
@@ -152,6 +188,8 @@ def _loss_fn(cfg: Config) -> LossFn:
         return _triton_loss(cfg)
     if cfg.method == "inf_cl":
         return _inf_cl_loss(t, symmetric)
+    if cfg.method == "torch_lce":
+        return _torch_lce_loss(t, symmetric)
     if cfg.method == "info_nce_pytorch":
         # Imported by name: ``info_nce`` the package, not dist_infonce's function.
         peer = importlib.import_module("info_nce")
@@ -222,6 +260,13 @@ def run_config(cfg: Config) -> dict[str, Any]:
     # baseline: they are not part of any loss's memory.
     warm = torch.ones(64, 64, device=device)
     (warm @ warm).sum().item()
+    # One call on 8 rows loads what a method imports on first use (torch's
+    # linear_cross_entropy: ~900 modules, 170 MiB of RSS), also not its memory.
+    small = [
+        F.normalize(torch.randn(8, cfg.dim), dim=1).to(device=device, dtype=DTYPES[cfg.dtype])
+        for _ in range(2)
+    ]
+    fn(*(x.requires_grad_() for x in small)).backward()
     q, k = _make_inputs(cfg)
     sync(cfg.device)
     # Right after the reset the peak is what is in use now: the inputs and the

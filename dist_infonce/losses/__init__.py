@@ -13,14 +13,14 @@
 - :mod:`~dist_infonce.losses.learnable`: a loss module's own parameters, averaged over the
   ranks where no DDP does it
 
-SigLIP's sigmoid loss joins as ``losses/siglip.py`` (``siglip_loss`` / ``SigLIP``): it
-takes the same ``LossOptions``, checks and dispatch, and its learnable scale and bias
-go through :class:`~dist_infonce.losses.learnable.AveragesOwnGradients` like the
-temperature here.
+- :mod:`~dist_infonce.losses.siglip`: ``siglip_loss`` / ``SigLIP`` (SigLIP's sigmoid loss:
+  the same ``LossOptions``, checks and dispatch; its learnable scale and bias go through
+  :class:`~dist_infonce.losses.learnable.AveragesOwnGradients` like the temperature)
 """
 
 from dist_infonce.losses.infonce import InfoNCE, info_nce
 from dist_infonce.losses.ntxent import NTXent, nt_xent
 from dist_infonce.losses.options import LossOptions
+from dist_infonce.losses.siglip import SigLIP, siglip_loss
 
-__all__ = ["InfoNCE", "LossOptions", "NTXent", "info_nce", "nt_xent"]
+__all__ = ["InfoNCE", "LossOptions", "NTXent", "SigLIP", "info_nce", "nt_xent", "siglip_loss"]

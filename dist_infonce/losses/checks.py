@@ -19,6 +19,7 @@ __all__ = [
     "check_labels",
     "check_matrix",
     "check_nt_xent_inputs",
+    "check_pair",
 ]
 
 
@@ -125,6 +126,22 @@ def check_nt_xent_inputs(z1: object, z2: object, *, gather: bool) -> None:
         )
     _check_same("z2", b, "z1", a)
     _check_rows("z1", a.shape[0], gather)
+
+
+def check_pair(name_a: str, a: object, name_b: str, b: object, *, gather: bool) -> None:
+    """Two towers of pairs (SigLIP's x and y): (N, D) each, same N, D, dtype and device.
+
+    Shape: a (N, D); b (N, D).
+    """
+    ta = check_matrix(name_a, a, 2, "(N, D)")
+    tb = check_matrix(name_b, b, 2, "(N, D)")
+    if ta.shape[0] != tb.shape[0]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same number of rows N (row i of each is a "
+            f"pair), got {ta.shape[0]} and {tb.shape[0]}"
+        )
+    _check_same(name_b, tb, name_a, ta)
+    _check_rows(name_a, ta.shape[0], gather)
 
 
 def check_labels(labels: object, rows: torch.Tensor, rows_name: str, negative_keys: object) -> None:

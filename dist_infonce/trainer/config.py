@@ -118,10 +118,12 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """The contrastive loss (dist_infonce.InfoNCE, dist_infonce.NTXent)."""
+    """The contrastive loss (dist_infonce.InfoNCE, dist_infonce.NTXent, dist_infonce.SigLIP)."""
 
-    kind: Literal["nt_xent", "info_nce", "clip"] = "nt_xent"
-    """nt_xent (SimCLR, 2N views) | info_nce (view 0 queries view 1) | clip (symmetric InfoNCE)."""
+    kind: Literal["nt_xent", "info_nce", "clip", "siglip"] = "nt_xent"
+    """nt_xent (SimCLR, 2N views) | info_nce (view 0 queries view 1) | clip (symmetric InfoNCE) |
+    siglip (SigLIP's sigmoid loss: learnable scale t = 10 and bias b = -10 at init, as SigLIP;
+    temperature and learn_temperature do not apply, the logged temperature is 1/t)."""
     temperature: float = 0.2
     """Softmax temperature (the initial value when ``learn_temperature``)."""
     learn_temperature: bool = False

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_infonce import InfoNCE, NegativeQueue, NTXent, cached_backward
+from dist_infonce import InfoNCE, NegativeQueue, NTXent, SigLIP, cached_backward
 from dist_infonce.trainer.config import Config, ConfigError, LossConfig
 from dist_infonce.trainer.data import ContrastiveData
 from dist_infonce.trainer.loader import MapSource, ShardSource
@@ -39,6 +39,10 @@ def build_loss(cfg: LossConfig) -> nn.Module:
         "learn_temperature": cfg.learn_temperature,
     }
     try:
+        if cfg.kind == "siglip":
+            # SigLIP's own parametrisation: learnable log t and b, initialised as SigLIP.
+            del common["learn_temperature"]
+            return SigLIP(10.0, -10.0, learn=True, **common)
         if cfg.kind == "nt_xent":
             return NTXent(cfg.temperature, **common)
         return InfoNCE(cfg.temperature, symmetric=cfg.kind == "clip", **common)
