@@ -284,6 +284,11 @@ class SigLIP(AveragesOwnGradients):
             gather=gather, group=group,
         )  # fmt: skip
 
+    def self_averaged_parameters(self) -> list[nn.Parameter]:
+        """``[logit_scale, logit_bias]`` when learnt: :func:`~dist_infonce.cached_backward`
+        then leaves their average to this module (one all-reduce, not two)."""
+        return [self.logit_scale, self.logit_bias] if self.learn else []
+
     @property
     def scale(self) -> torch.Tensor:
         """The multiplier t of the next forward (0-dim)."""
