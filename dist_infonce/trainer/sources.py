@@ -45,6 +45,7 @@ from dist_infonce.trainer.transforms import (
     ViewTransform,
     view_transform,
 )
+from dist_infonce.trainer.views import stack
 
 __all__ = [
     "DEFAULT_SHARD_KEYS",
@@ -71,11 +72,15 @@ _IMAGE_NAME = r"(?i)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$"
 # --------------------------------------------------------------------------- batches
 
 
-def _stack(samples: list[torch.Tensor], transform: ViewTransform) -> torch.Tensor:
-    """``(B, *shape)``; B may be 0 (every sample skipped, or a rank's shards ran out)."""
+def _stack(samples: list[Any], transform: ViewTransform) -> Any:
+    """``(B, *shape)``, or a dict of them for a transform with ``keys`` (a tokenizer's
+    ``input_ids`` and ``attention_mask``); B may be 0 (every sample skipped, or a rank's
+    shards ran out)."""
+    keys = getattr(transform, "keys", None)
     if not samples:
-        return torch.zeros((0, *transform.shape), dtype=transform.dtype)
-    return torch.stack(samples)
+        empty = lambda: torch.zeros((0, *transform.shape), dtype=transform.dtype)
+        return {k: empty() for k in keys} if keys else empty()
+    return stack(samples)
 
 
 def _labels(values: list[int], has: bool) -> torch.Tensor | None:
@@ -477,8 +482,8 @@ def pair_recall(
         ``eval/train_recall@1`` (mean of both directions), ``..._a2b`` (view 0 queries
         view 1), ``..._b2a``; fractions in [0, 1].
     """
-    e0 = F.normalize(embed(torch.stack(list(x0)), 0).float(), dim=1)
-    e1 = F.normalize(embed(torch.stack(list(x1)), 1).float(), dim=1)
+    e0 = F.normalize(embed(stack(x0), 0).float(), dim=1)
+    e1 = F.normalize(embed(stack(x1), 1).float(), dim=1)
     a2b = _hit_rate((e0 @ e1.T).argmax(dim=1), keys0, keys1)
     b2a = _hit_rate((e1 @ e0.T).argmax(dim=1), keys0, keys1)
     return {

@@ -79,6 +79,7 @@ from dist_infonce.trainer.sharded_checkpoint import (
     newest_sharded,
     save_sharded,
 )
+from dist_infonce.trainer.views import to_device
 
 __all__ = ["StepResult", "Trainer"]
 
@@ -315,8 +316,8 @@ class Trainer:
             broadcast_buffers(unwrapped)
         for micro in range(cfg.train.grad_accum_steps):
             batch = self._next_batch(done)
-            x0 = batch.x0.to(self.device, non_blocking=True)
-            x1 = batch.x1.to(self.device, non_blocking=True)
+            x0 = to_device(batch.x0, self.device, non_blocking=True)
+            x1 = to_device(batch.x1, self.device, non_blocking=True)
             labels = batch.labels
             labels = None if labels is None else labels.to(self.device, non_blocking=True)
             if self.sharded:  # accelerate's no_sync does not reach FSDP2 modules here
