@@ -44,6 +44,12 @@ def _create(arch: str, pretrained: str | None, kwargs: dict[str, Any]) -> Any:
     open_clip = require("open_clip", "model.name")
     if pretrained is not None and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained: no such file {pretrained!r}")
+    if pretrained is not None and arch.startswith("local-dir:"):
+        raise ConfigError(
+            "model.pretrained: OpenCLIP reads the weights of a local-dir: model from its "
+            "directory (open_clip_pytorch_model.bin beside open_clip_config.json), not from "
+            "model.pretrained"
+        )
     try:
         return open_clip.create_model_and_transforms(arch, pretrained=pretrained, **kwargs)
     except (RuntimeError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
@@ -149,7 +155,10 @@ class OpenCLIPModel(PairModel):
 @functools.lru_cache(maxsize=4)
 def _preprocess(arch: str, pretrained: str | None, kwargs_json: str) -> tuple[Any, Any, int]:
     """OpenCLIP's training and evaluation image transforms of ``arch``, and its image size."""
-    model, train, val = _create(arch, pretrained, json.loads(kwargs_json))
+    # The model built for its transforms must not move the RNG that initialises the
+    # trained one (the data is built first).
+    with torch.random.fork_rng(devices=[]):
+        model, train, val = _create(arch, pretrained, json.loads(kwargs_json))
     size = model.visual.image_size
     return train, val, int(size[0] if isinstance(size, tuple | list) else size)
 

@@ -130,7 +130,12 @@ def _data_config(arch: str, kwargs_json: str) -> tuple[tuple[str, Any], ...]:
     """The data config of ``arch`` built with these arguments (its actual input size)."""
     from timm.data import resolve_input_data_config
 
-    model = create_timm_model(arch, key="model.name", num_classes=0, kwargs=json.loads(kwargs_json))
+    # A model built to read its data config must not move the RNG that initialises the
+    # trained one (the data is built first).
+    with torch.random.fork_rng(devices=[]):
+        model = create_timm_model(
+            arch, key="model.name", num_classes=0, kwargs=json.loads(kwargs_json)
+        )
     return tuple(sorted(resolve_input_data_config(model).items()))
 
 
