@@ -16,6 +16,7 @@ so that ``SentenceTransformer(out)`` gives the embeddings the trainer's evaluati
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +144,12 @@ class HFTextTower(ZooTower):
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
         if grad_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            # transformers 5 renamed it; non-reentrant: the one that works under DDP.
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.path, self.pooling, self.max_length = path, pooling, max_length
         hidden = int(self.model.config.hidden_size)
         self.proj = nn.Linear(hidden, out_dim) if out_dim else None
@@ -183,7 +187,10 @@ class HFTextTower(ZooTower):
             ConfigError: sentence-transformers is not installed.
         """
         st = require("sentence_transformers", "export")
-        modules = require("sentence_transformers.sentence_transformer.modules", "export")
+        try:  # sentence-transformers >= 6; before, the same modules were in .models
+            modules = importlib.import_module("sentence_transformers.sentence_transformer.modules")
+        except ImportError:
+            modules = importlib.import_module("sentence_transformers.models")
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
         self._tokenizer.save_pretrained(out)
