@@ -206,8 +206,10 @@ def _build_tower(name: str, view: int, cfg: ModelConfig, kind: str | None) -> Zo
             grad_checkpointing=cfg.grad_checkpointing,
         )
     if family == "timm":
-        if kind == "text":
-            raise ConfigError(f"{key}={name}: a timm tower encodes images; view {view} holds text")
+        if kind not in ("image", None):
+            raise ConfigError(
+                f"{key}={name}: a timm tower encodes images; view {view} holds {kind}"
+            )
         from dist_infonce.trainer.zoo_timm import TimmTower
 
         return TimmTower(
@@ -269,9 +271,8 @@ def tower_transform(kind: str, *, view: int, train: bool, model: ModelConfig) ->
     family, what = _split(name)
     key = f"model.towers[{view}]" if model.towers else "model.name"
     if kind == "vector":
-        if family == "open_clip":
-            raise ConfigError(f"{key}={name}: OpenCLIP towers take images and text, not vectors")
-        return None  # precomputed features go to the tower as they are
+        takes = {"hf": "text", "timm": "images", "open_clip": "images and text"}[family]
+        raise ConfigError(f"{key}={name}: this tower takes {takes}; view {view} holds vectors")
     if family == "hf":
         if kind != "text":
             raise ConfigError(
