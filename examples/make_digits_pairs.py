@@ -45,7 +45,12 @@ def caption(digit: int) -> str:
 
 
 def make_digits_pairs(
-    out: str | Path, *, size: int = 32, shards: int = 8, limit: int | None = None
+    out: str | Path,
+    *,
+    size: int = 32,
+    shards: int = 8,
+    limit: int | None = None,
+    heldout: float = 0.0,
 ) -> dict[str, Path]:
     """Write the digits as PNGs + captions: a parquet table and webdataset shards.
 
@@ -54,9 +59,14 @@ def make_digits_pairs(
         size: the PNGs' side in pixels (the 8x8 digits are upscaled bilinearly).
         shards: number of tar shards (samples are dealt out in order, evenly).
         limit: only the first ``limit`` digits (small test sets); None = all 1797.
+        heldout: the share of the digits held out for evaluation (``eval.path``), drawn
+            stratified by digit with a fixed seed: they are left out of the training
+            table and shards and written to ``OUT/heldout.parquet`` and
+            ``OUT/heldout/pairs-0000.tar``. 0 = none.
 
     Returns:
-        ``{"images": folder, "table": parquet file, "shards": brace pattern}``.
+        ``{"images": folder, "table": parquet file, "shards": brace pattern}``, plus
+        ``"heldout_table"`` and ``"heldout_shards"`` with ``heldout``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -89,23 +99,44 @@ def make_digits_pairs(
         rows["caption"].append(caption(label))
         rows["label"].append(label)
         rows["id"].append(i)
+    keep, held = list(range(n)), []
+    if heldout > 0:
+        from sklearn.model_selection import train_test_split
+
+        keep, held = train_test_split(
+            list(range(n)), test_size=heldout, random_state=0, stratify=rows["label"]
+        )
+        keep, held = sorted(keep), sorted(held)
+
+    def sample(i: int) -> dict:
+        return {
+            "__key__": f"{i:05d}",
+            "png": pngs[i],
+            "txt": rows["caption"][i],
+            "cls": str(rows["label"][i]),
+        }
+
     table = out / "pairs.parquet"
-    pq.write_table(pa.table(rows), table)
-    per_shard = math.ceil(n / shards)
+    pq.write_table(pa.table({k: [v[i] for i in keep] for k, v in rows.items()}), table)
+    per_shard = math.ceil(len(keep) / shards)
     for s in range(shards):
         with wds.TarWriter(str(shards_dir / f"pairs-{s:04d}.tar")) as sink:
-            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
-                sink.write(
-                    {
-                        "__key__": f"{i:05d}",
-                        "png": pngs[i],
-                        "txt": rows["caption"][i],
-                        "cls": str(rows["label"][i]),
-                    }
-                )
-    used = min(shards, math.ceil(n / per_shard))
+            for i in keep[s * per_shard : (s + 1) * per_shard]:
+                sink.write(sample(i))
+    used = min(shards, math.ceil(len(keep) / per_shard))
     pattern = shards_dir / f"pairs-{{0000..{used - 1:04d}}}.tar"
-    return {"images": images_dir, "table": table, "shards": pattern}
+    paths = {"images": images_dir, "table": table, "shards": pattern}
+    if held:
+        (out / "heldout").mkdir(exist_ok=True)
+        paths["heldout_table"] = out / "heldout.parquet"
+        pq.write_table(
+            pa.table({k: [v[i] for i in held] for k, v in rows.items()}), paths["heldout_table"]
+        )
+        paths["heldout_shards"] = out / "heldout" / "pairs-0000.tar"
+        with wds.TarWriter(str(paths["heldout_shards"])) as sink:
+            for i in held:
+                sink.write(sample(i))
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,8 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32, help="PNG side in pixels (default 32)")
     parser.add_argument("--shards", type=int, default=8, help="webdataset shards (default 8)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N digits")
+    parser.add_argument(
+        "--heldout", type=float, default=0.0, help="share held out for eval.path (default 0)"
+    )
     args = parser.parse_args(argv)
-    paths = make_digits_pairs(args.out, size=args.size, shards=args.shards, limit=args.limit)
+    paths = make_digits_pairs(
+        args.out, size=args.size, shards=args.shards, limit=args.limit, heldout=args.heldout
+    )
     clip = "model.name=two_tower loss.kind=clip loss.learn_temperature=true train.epochs=20"
     print(f"wrote {paths['table']}, {paths['images']}/, {paths['shards']}")
     print("train on the table:")

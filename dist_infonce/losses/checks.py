@@ -14,6 +14,7 @@ from dist_infonce.kernels.triton_lse import check_triton_inputs
 from dist_infonce.losses.options import LossOptions
 
 __all__ = [
+    "check_hard_negatives",
     "check_info_nce_inputs",
     "check_kernel_inputs",
     "check_labels",
@@ -174,3 +175,33 @@ def check_labels(labels: object, rows: torch.Tensor, rows_name: str, negative_ke
         raise ValueError(
             f"labels must be on the device of {rows_name} ({rows.device}), got {labels.device}"
         )
+
+
+def check_hard_negatives(
+    hard_negatives: object, query: torch.Tensor, negative_keys: object
+) -> torch.Tensor | None:
+    """``hard_negatives``: None, or (M, D) / (N, H, D) like ``query``, without
+    ``negative_keys``. Returns them as (M, D) rows (a 3-d tensor flattened), or None.
+
+    Shape: hard_negatives (M, D) or (N, H, D) for query (N, D). Output: (M, D) or
+    (N * H, D).
+    """
+    if hard_negatives is None:
+        return None
+    if negative_keys is not None:
+        raise ValueError(
+            "hard_negatives join the in-batch keys as extra candidates; negative_keys "
+            "replace them. Pass one of the two (negative_keys=None with hard_negatives)"
+        )
+    if isinstance(hard_negatives, torch.Tensor) and hard_negatives.dim() == 3:
+        h = check_matrix("hard_negatives", hard_negatives, 3, "(N, H, D) or (M, D)")
+        if h.shape[0] != query.shape[0]:
+            raise ValueError(
+                "hard_negatives of shape (N, H, D) must have one row of H negatives per "
+                f"query: N={query.shape[0]}, got shape {tuple(h.shape)}"
+            )
+        h = h.reshape(-1, h.shape[-1])
+    else:
+        h = check_matrix("hard_negatives", hard_negatives, 2, "(M, D) or (N, H, D)")
+    _check_same("hard_negatives", h, "query", query)
+    return h

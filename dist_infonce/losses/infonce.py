@@ -31,7 +31,12 @@ from dist_infonce.dist import (
 )
 from dist_infonce.kernels import compute_dtype, no_autocast
 from dist_infonce.kernels.bounds import unit_vector_bound
-from dist_infonce.losses.checks import check_info_nce_inputs, check_kernel_inputs, check_labels
+from dist_infonce.losses.checks import (
+    check_hard_negatives,
+    check_info_nce_inputs,
+    check_kernel_inputs,
+    check_labels,
+)
 from dist_infonce.losses.common import global_count, pair_logit, reduce_losses
 from dist_infonce.losses.dispatch import pool_lse
 from dist_infonce.losses.labels import class_sums, label_classes, mean_positive_logit
@@ -57,13 +62,15 @@ def _info_nce_loss(
     inv_temp: torch.Tensor,
     labels: torch.Tensor | None,
     options: LossOptions,
+    hard: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The loss on checked inputs. Shape: as :func:`info_nce`; inv_temp ()."""
+    """The loss on checked inputs. Shape: as :func:`info_nce`; inv_temp (); hard (M, D)."""
     with no_autocast(query.device):
         q, k, neg = query, positive_key, negative_keys
         if options.normalize:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             neg = None if neg is None else F.normalize(neg, dim=-1)
+            hard = None if hard is None else F.normalize(hard, dim=-1)
         distributed = options.gather and is_distributed(options.group)
         world = get_world_size(options.group) if distributed else 1
         if neg is not None and options.negative_mode == "paired":
@@ -76,12 +83,14 @@ def _info_nce_loss(
             )
         elif options.symmetric:
             losses, global_rows = _symmetric(
-                q, k, inv_temp=inv_temp, labels=labels, options=options, distributed=distributed
-            )
+                q, k, inv_temp=inv_temp, labels=labels, options=options,
+                distributed=distributed, hard=hard,
+            )  # fmt: skip
         else:
             losses, global_rows = _in_batch(
-                q, k, inv_temp=inv_temp, labels=labels, options=options, distributed=distributed
-            )
+                q, k, inv_temp=inv_temp, labels=labels, options=options,
+                distributed=distributed, hard=hard,
+            )  # fmt: skip
         return reduce_losses(
             losses, reduction=options.reduction, global_rows=global_rows, world=world
         )
@@ -123,6 +132,36 @@ def _unpaired(
     return lse - pos, global_rows
 
 
+def _with_hard_negatives(
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    hard: torch.Tensor | None,
+    *,
+    inv_temp: torch.Tensor,
+    options: LossOptions,
+    distributed: bool,
+) -> torch.Tensor:
+    """Row log-sum-exps over the pool joined by the (pooled) hard negatives.
+
+    The hard negatives get their own pass of the kernel, and the two log-sum-exps are
+    merged with ``logaddexp``: the same value as one pass over the concatenated pool
+    without copying the pool, memory still linear in N + M. Every rank gathers them
+    (autograd-aware: each rank's negatives receive the gradients of every rank's rows).
+
+    Shape: lse (N,); q (N, D); hard None or (M_r, D). Returns (N,).
+    """
+    if hard is None:
+        return lse
+    if distributed:
+        hard, info = gather_with_info(hard, options.group)
+        if info.total == 0:  # no rank has any: the pool is the positives alone
+            return lse
+    elif hard.shape[0] == 0:
+        return lse
+    lse_hard, _ = pool_lse(q, hard, inv_temp, options=options)
+    return torch.logaddexp(lse, lse_hard)
+
+
 def _in_batch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,8 +170,10 @@ def _in_batch(
     labels: torch.Tensor | None,
     options: LossOptions,
     distributed: bool,
+    hard: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Row losses against the (pooled) positive keys, one direction; the global row count."""
+    """Row losses against the (pooled) positive keys and hard negatives, one direction;
+    the global row count."""
     n = q.shape[0]
     if distributed:
         kp, info = gather_with_info(k, options.group)
@@ -140,6 +181,9 @@ def _in_batch(
     else:
         kp, global_rows, offset = k, n, 0
     lse, _ = pool_lse(q, kp, inv_temp, options=options)
+    lse = _with_hard_negatives(
+        lse, q, hard, inv_temp=inv_temp, options=options, distributed=distributed
+    )
     if labels is None:
         pos = pair_logit(q, k, inv_temp)
     else:
@@ -159,6 +203,7 @@ def _symmetric(
     labels: torch.Tensor | None,
     options: LossOptions,
     distributed: bool,
+    hard: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Row losses of the CLIP loss (both directions) and the global row count.
 
@@ -168,7 +213,8 @@ def _symmetric(
     ranks (O(global rows) numbers; one all-reduce with normalised inputs and
     temperature >= 1/300, else two). Only the key tower is gathered (the query tower
     too when ``labels`` need its per-class sums), and every similarity is
-    computed once in the world.
+    computed once in the world. Hard negatives join the query->key direction only
+    (they are keys, not queries).
     """
     n, group = q.shape[0], options.group
     if distributed and labels is not None:
@@ -187,6 +233,9 @@ def _symmetric(
         bound = unit_vector_bound(inv_temp) if options.normalize else None
         col_lse = all_reduce_logsumexp(col_lse, group, bound=bound)
     lse_k = col_lse[offset : offset + n]
+    lse_q = _with_hard_negatives(
+        lse_q, q, hard, inv_temp=inv_temp, options=options, distributed=distributed
+    )
     global_rows = info.total if info is not None else n
     if labels is None:
         return 0.5 * (lse_q + lse_k) - pair_logit(q, k, inv_temp), global_rows
@@ -216,6 +265,7 @@ def info_nce(
     gather: bool = False,
     group: ProcessGroup | None = None,
     labels: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE loss; a drop-in for info-nce-pytorch's ``info_nce`` with more options.
 
@@ -223,7 +273,8 @@ def info_nce(
     the cross-entropy with its positive ``k_i``. Candidates are:
     the positive keys of the batch (``negative_keys=None``, in-batch negatives); or
     ``k_i`` plus the shared ``negative_keys`` (unpaired); or ``k_i`` plus its own
-    ``negative_keys[i]`` (paired).
+    ``negative_keys[i]`` (paired). With ``hard_negatives``, the in-batch keys and every
+    hard negative of the batch (text retrieval's "multiple negatives ranking" loss).
 
     Args:
         query: Shape: (N, D).
@@ -261,6 +312,14 @@ def info_nce(
             included; with ``symmetric`` the key->query direction likewise over the
             queries). With ``gather`` the labels are pooled with their rows. Costs
             O((N + M) * D) beyond the unlabelled loss: no N x M mask.
+        hard_negatives: None, or extra candidate keys that join the in-batch keys,
+            Shape: (M, D), or (N, H, D) (H per query, e.g. mined for it). Every row's
+            candidates are then every positive key AND every hard negative of the
+            batch (with ``gather``, of the global batch: both are pooled over the
+            ranks, any M per rank, 0 included); a hard negative is never a positive,
+            also with ``labels``. With ``symmetric`` they join the query->key
+            direction only. Memory stays linear in N + M (a second kernel pass).
+            Not with ``negative_keys`` (which replace the in-batch keys).
 
     Returns:
         A 0-dim tensor, or Shape: (N,) for ``reduction="none"``. float32 for
@@ -273,7 +332,8 @@ def info_nce(
             ``negative_mode`` or ``kernel``, a bad ``chunk_size``, ``symmetric=True``
             with ``negative_keys``, inputs ``kernel="triton"`` cannot take, or
             ``labels`` that are not an int64 tensor of shape (N,) on the query's
-            device, or given with ``negative_keys``.
+            device, or given with ``negative_keys``, or ``hard_negatives`` that are
+            not (M, D) / (N, H, D) like ``query``, or given with ``negative_keys``.
         ImportError: ``kernel="triton"`` without triton installed.
 
     Example:
@@ -285,11 +345,13 @@ def info_nce(
     )  # fmt: skip
     check_info_nce_inputs(query, positive_key, negative_keys, options=options)
     check_labels(labels, query, "query", negative_keys)
+    hard = check_hard_negatives(hard_negatives, query, negative_keys)
     check_kernel_inputs(kernel, query)
     temperature_value(temperature)
     return _info_nce_loss(
         query, positive_key, negative_keys,
         inv_temp=inverse_temperature(temperature, query), labels=labels, options=options,
+        hard=hard,
     )  # fmt: skip
 
 
@@ -363,19 +425,22 @@ class InfoNCE(TemperatureModule):
         negative_keys: torch.Tensor | None = None,
         *,
         labels: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of ``query`` against ``positive_key`` (see :func:`info_nce`).
 
         Shape: query (N, D); positive_key (N, D); negative_keys None, (M, D) or
-        (N, M, D); labels None or (N,) int64.
+        (N, M, D); labels None or (N,) int64; hard_negatives None, (M, D) or (N, H, D).
         """
         options = self.options
         check_info_nce_inputs(query, positive_key, negative_keys, options=options)
         check_labels(labels, query, "query", negative_keys)
+        hard = check_hard_negatives(hard_negatives, query, negative_keys)
         check_kernel_inputs(options.kernel, query)
         return _info_nce_loss(
             query, positive_key, negative_keys,
             inv_temp=self.inverse_temperature(query), labels=labels, options=options,
+            hard=hard,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

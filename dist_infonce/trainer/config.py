@@ -212,8 +212,13 @@ class ModelConfig:
 
     name: str = "digits_cnn"
     """digits_cnn | mlp (one MLP encoder shared by both views) | two_tower (one encoder per
-    view: an MLP for vectors, a small CNN for images, an embedding bag for text) | a user
-    encoder ``module:callable`` (see models.py)."""
+    view: an MLP for vectors, a small CNN for images, an embedding bag for text; or the
+    two ``model.towers``) | ``hf:<dir>`` (a Hugging Face model directory: AutoModel +
+    AutoTokenizer, one text encoder shared by both views) | ``timm:<arch>`` (one timm image
+    encoder shared by both views) | ``open_clip:<arch>`` (an OpenCLIP model: its image and
+    text towers and tokenizer) | a user encoder ``module:callable`` (see models.py).
+    ``timm:`` and ``open_clip:`` also take their libraries' ``local-dir:<dir>``. See
+    docs/models.md."""
     embedding_dim: int = 64
     """Output dimension of the projection head: the vectors the loss compares."""
     momentum: float = 0.0
@@ -229,12 +234,39 @@ class ModelConfig:
     width: int = 32
     """Channels of the first convolution of digits_cnn and of two_tower's image encoder."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments passed to a user ``module:callable`` encoder."""
+    """Keyword arguments passed to a user ``module:callable`` encoder, or to the library's
+    constructor of ``timm:`` / ``open_clip:`` towers (e.g. ``{img_size: 32, patch_size: 4}``)."""
+    towers: list[str] = field(default_factory=list)
+    """model.name=two_tower with towers from the ecosystem: the tower of view 0 and of
+    view 1, each ``hf:<dir>`` or ``timm:<arch>`` (e.g. ``[timm:vit_tiny_patch16_224,
+    hf:/models/bert]``); empty = the built-in encoders."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Hugging Face text towers: the sentence embedding is the mean of the token states
+    under the attention mask, or the first ([CLS]) token's state."""
+    pretrained: str | None = None
+    """A local weights file for the timm or OpenCLIP tower (``timm.create_model(...,
+    pretrained_cfg_overlay={file: ...})``, ``open_clip ... pretrained=<file>``); null =
+    random initialisation. Hugging Face towers load the weights of their directory."""
+    freeze: list[int] = field(default_factory=list)
+    """Tower indices whose parameters are not trained (and stay in eval mode), e.g. [0]:
+    a locked image tower (LiT). Ecosystem towers only."""
+    projection: Literal["linear", "none"] = "linear"
+    """hf / timm towers: linear = a linear map to ``model.embedding_dim`` (timm: its own
+    classifier head with ``num_classes=embedding_dim``; HF: a linear layer exported as a
+    sentence-transformers Dense module) | none = the pooled features as they are.
+    OpenCLIP towers keep their own projections."""
+    max_length: int = 64
+    """Hugging Face towers: tokens per text (padded and cut to it in the DataLoader
+    workers; each encoder pass drops the columns that are padding in all its rows).
+    OpenCLIP uses its model's context length."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing inside ecosystem towers, where the library offers it
+    (timm and OpenCLIP ``set_grad_checkpointing``, HF ``gradient_checkpointing_enable``)."""
 
 
 @dataclass
 class EvalConfig:
-    """The final evaluation (rank 0, frozen features)."""
+    """The evaluation (rank 0, frozen features): at the end, and every ``eval.every`` steps."""
 
     enabled: bool = True
     """Run the data set's evaluation after training (digits: linear probe + kNN)."""
@@ -242,6 +274,18 @@ class EvalConfig:
     """Neighbours of the digits kNN classifier."""
     batch_size: int = 1024
     """Samples per forward pass when embedding the evaluation sets."""
+    every: int = 0
+    """Also evaluate every this many optimizer steps (logged as ``eval/*`` rows of that
+    step in metrics.jsonl and W&B); 0 = only after training."""
+    path: str | None = None
+    """Held-out data for the evaluation of table / webdataset runs: a file or shard pattern
+    of the same format as ``data.path`` (same columns; labels in ``data.label_column`` for
+    zero-shot and the probes); null = the first rows of the training data (recall only)."""
+    zeroshot_classes: list[str] = field(default_factory=list)
+    """Zero-shot classification of the held-out images: the class names, label ``i`` being
+    ``zeroshot_classes[i]``; each becomes the text ``eval.prompt`` for the text tower."""
+    prompt: str = "a photo of a {}."
+    """The text of a class for zero-shot classification: ``{}`` is the class name."""
 
 
 @dataclass
@@ -302,6 +346,9 @@ class DistConfig:
     """ddp: every rank holds the whole model (DistributedDataParallel) | fsdp: each tower
     and its blocks ``fully_shard``-ed (FSDP2): parameters, gradients and optimizer state
     split over the ranks, sharded checkpoints (torch.distributed.checkpoint; docs/fsdp.md)."""
+    find_unused_parameters: bool = False
+    """DDP's ``find_unused_parameters``: true when some parameters get no gradient in a step
+    (DDP otherwise fails at the next step, "Expected to have finished reduction")."""
     fsdp_reshard_after_forward: bool = True
     """fsdp: free a block's gathered parameters after its forward and gather them again
     for its backward (less memory, more communication); false keeps them until backward.
@@ -689,8 +736,115 @@ def validate(cfg: Config) -> None:
         for name in names:
             _check(_is_signal(name), key, f"{name!r} is not a signal name (e.g. SIGUSR1)")
     for key, name in (("data.name", cfg.data.name), ("model.name", cfg.model.name)):
-        if ":" in name:
+        if ":" in name and not (key == "model.name" and name.startswith(TOWER_PREFIXES)):
             _check_import_path(key, name)
+    _validate_towers(cfg)
+    _validate_eval(cfg)
+
+
+#: ``model.name`` / ``model.towers`` prefixes of the ecosystem's towers (trainer/zoo.py).
+TOWER_PREFIXES = ("hf:", "timm:", "open_clip:")
+
+
+def _validate_towers(cfg: Config) -> None:
+    """The ecosystem tower keys (``model.towers``, ``pooling``, ``freeze``, ...)."""
+    m = cfg.model
+    zoo = m.name.startswith(TOWER_PREFIXES) or bool(m.towers)
+    for key, name in [("model.name", m.name)] + [
+        (f"model.towers[{i}]", t) for i, t in enumerate(m.towers)
+    ]:
+        if name.startswith(TOWER_PREFIXES):
+            _check(
+                bool(name.partition(":")[2].strip()),
+                key,
+                f"{name!r} names no model: expected e.g. hf:/path/to/model_dir, "
+                "timm:vit_tiny_patch16_224, open_clip:ViT-B-32",
+            )
+    if m.towers:
+        _check(
+            m.name == "two_tower",
+            "model.towers",
+            f"names one tower per view: set model.name=two_tower (got model.name={m.name})",
+        )
+        _check(
+            len(m.towers) == 2,
+            "model.towers",
+            f"expected two towers (view 0, view 1), got {m.towers}",
+        )
+        for i, t in enumerate(m.towers):
+            _check(
+                t.startswith(("hf:", "timm:")),
+                f"model.towers[{i}]",
+                f"expected hf:<dir> or timm:<arch>, got {t!r}"
+                + (
+                    " (an OpenCLIP model brings both towers: model.name=open_clip:<arch>)"
+                    if t.startswith("open_clip:")
+                    else ""
+                ),
+            )
+    shared = zoo and not m.towers and not m.name.startswith("open_clip:")
+    for i in m.freeze:
+        _check(zoo, "model.freeze", "freezes ecosystem towers (hf:, timm:, open_clip:)")
+        _check(
+            i in ((0,) if shared else (0, 1)),
+            "model.freeze",
+            f"no tower {i} (towers: {'0' if shared else '0, 1'})",
+        )
+    _check(
+        not (shared and m.freeze),
+        "model.freeze",
+        f"one shared tower ({m.name}) frozen leaves nothing to train",
+    )
+    _check(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
+    _check(
+        not (zoo and m.momentum > 0),
+        "model.momentum",
+        "the momentum key encoder does not run with ecosystem towers (hf:, timm:, open_clip:) yet",
+    )
+    _check(
+        not (m.name.startswith("open_clip:") and cfg.dist.strategy == "fsdp"),
+        "dist.strategy",
+        "fsdp cannot shard an OpenCLIP model (its 0-dim logit_scale parameter); use ddp",
+    )
+    if m.pretrained is not None:
+        names = m.towers or [m.name]
+        _check(
+            any(n.startswith(("timm:", "open_clip:")) for n in names),
+            "model.pretrained",
+            "is a weights file for a timm or OpenCLIP tower (Hugging Face towers load their "
+            f"directory's weights); this model has none ({m.name}{' ' + str(m.towers) if m.towers else ''})",
+        )
+        _check(
+            sum(n.startswith(("timm:", "open_clip:")) for n in names) == 1,
+            "model.pretrained",
+            f"one file, but two towers take one ({m.towers}): which one is meant",
+        )
+
+
+def _validate_eval(cfg: Config) -> None:
+    """``eval.every``, ``eval.path``, zero-shot classes and prompt."""
+    e = cfg.eval
+    _check(e.every >= 0, "eval.every", f"must be >= 0 (0 = only at the end), got {e.every}")
+    _check(
+        e.path is None or cfg.data.name in FILE_SOURCES,
+        "eval.path",
+        f"held-out files for data.name=table|webdataset (data.name={cfg.data.name} has its own)",
+    )
+    _check(
+        "{}" in e.prompt,
+        "eval.prompt",
+        f"needs a {{}} where the class name goes, got {e.prompt!r}",
+    )
+    _check(
+        not e.zeroshot_classes or e.path is not None,
+        "eval.zeroshot_classes",
+        "classifies held-out images: set eval.path (labels in data.label_column)",
+    )
+    _check(
+        not e.zeroshot_classes or cfg.data.label_column is not None,
+        "eval.zeroshot_classes",
+        "needs the images' class labels: set data.label_column",
+    )
 
 
 def _check_moco(cfg: Config) -> None:

@@ -354,7 +354,10 @@ def build_data(
         return SyntheticPairs(cfg)
     if cfg.name in ("table", "webdataset"):
         from dist_infonce.trainer.sources import TableSource, WebDatasetSource
+        from dist_infonce.trainer.zoo import require
 
+        # A missing reader is a clear exit 2 naming the extra, not an ImportError mid-setup.
+        require("pyarrow" if cfg.name == "table" else "webdataset", f"data.name={cfg.name}")
         return (TableSource if cfg.name == "table" else WebDatasetSource)(cfg, model)
     make = import_object(cfg.name, "data.name")
     check_call(make, "data.name", "data.kwargs", (cfg,), cfg.kwargs)

@@ -13,6 +13,7 @@ import torch
 
 from dist_infonce.trainer.data import Embed
 from dist_infonce.trainer.models import PairModel
+from dist_infonce.trainer.views import View, rows, take, to_device
 
 __all__ = ["embed_fn"]
 
@@ -27,15 +28,17 @@ def embed_fn(
     ``device`` under ``autocast``, returning CPU float32. Put the model in eval mode first.
 
     Shape:
-        x: (N, *input of view). Output: (N, F), F the model's evaluation features.
+        x: (N, *input of view), or a dict of such tensors (a tokenizer's output).
+        Output: (N, F), F the model's evaluation features.
     """
 
     @torch.no_grad()
-    def embed(x: torch.Tensor, view: int) -> torch.Tensor:
+    def embed(x: View, view: int) -> torch.Tensor:
         out = []
-        for i in range(0, len(x), batch_size):
+        for i in range(0, rows(x), batch_size):
             with autocast():
-                out.append(model.embed(x[i : i + batch_size].to(device), view).float().cpu())
+                part = to_device(take(x, slice(i, i + batch_size)), device)
+                out.append(model.embed(part, view).float().cpu())
         return torch.cat(out)
 
     return embed

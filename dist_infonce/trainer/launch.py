@@ -103,7 +103,7 @@ def make_accelerator(cfg: Config) -> Any:
         ConfigError: fp16 without CUDA.
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cpu = not torch.cuda.is_available()
     if cpu and cfg.train.precision == "fp16":
@@ -120,7 +120,8 @@ def make_accelerator(cfg: Config) -> Any:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         # A finite timeout: a rank that died makes the others fail, not hang forever.
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+            InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist.timeout_s)),
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.dist.find_unused_parameters),
         ],
         step_scheduler_with_optimizer=False,
     )

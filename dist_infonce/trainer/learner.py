@@ -21,8 +21,9 @@ from dist_infonce.trainer.data import ContrastiveData
 from dist_infonce.trainer.loader import MapSource, ShardSource
 from dist_infonce.trainer.moco import MomentumEncoder, QueryTower, QueueLoss, build_queue_loss
 from dist_infonce.trainer.models import PairModel, TwoTowerModel, build_model
+from dist_infonce.trainer.views import rows, take
 
-__all__ = ["Learner", "build_learner", "build_loss", "check_kernel", "micro_for"]
+__all__ = ["FlatViews", "Learner", "build_learner", "build_loss", "check_kernel", "micro_for"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -48,6 +49,47 @@ def build_loss(cfg: LossConfig) -> nn.Module:
         return InfoNCE(cfg.temperature, symmetric=cfg.kind == "clip", **common)
     except ValueError as e:  # validate() catches the known cases; this names any other
         raise ConfigError(f"loss: {e}") from None
+
+
+class FlatViews(nn.Module):
+    """A pair model called with both views as keyword arguments: what gradient caching
+    wraps (in DDP) when a view is a dict of tensors (a Hugging Face tower's
+    ``input_ids`` and ``attention_mask``).
+
+    :func:`~dist_infonce.cached_backward` splits a dict of tensors key by key and calls
+    the model with the slices as keywords, but takes no dict inside a tuple; so the two
+    views travel as one flat dict (``x0`` or ``x0.<key>``, then ``x1`` or ``x1.<key>``)
+    and are put back together here, inside the DDP forward (which keeps DDP's
+    ``no_sync`` and its one gradient all-reduce per step).
+
+    Args:
+        model: ``forward(x0, x1) -> (z0, z1)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def flatten(x0: Any, x1: Any) -> dict[str, torch.Tensor]:
+        """The keyword arguments of :meth:`forward` for the views ``x0`` and ``x1``."""
+        out: dict[str, torch.Tensor] = {}
+        for name, x in (("x0", x0), ("x1", x1)):
+            if isinstance(x, dict):
+                out.update({f"{name}.{k}": v for k, v in x.items()})
+            else:
+                out[name] = x
+        return out
+
+    def forward(self, **flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views: list[Any] = []
+        for name in ("x0", "x1"):
+            if name in flat:
+                views.append(flat[name])
+            else:
+                prefix = name + "."
+                views.append({k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)})
+        return self.model(*views)
 
 
 class Learner(nn.Module):
@@ -107,9 +149,12 @@ class Learner(nn.Module):
         return self.loss_fn.queue if isinstance(self.loss_fn, QueueLoss) else None
 
     def cache_tower(self) -> nn.Module:
-        """What DDP wraps under gradient caching: the model, or, with a key encoder, its
-        view-0 tower alone (:class:`QueryTower`: the model encodes no keys then)."""
-        return self.model if self.key_encoder is None else QueryTower(self.model)
+        """What DDP wraps under gradient caching: the model (in :class:`FlatViews` when
+        its views are dicts of tensors, ``model.dict_views``), or, with a key encoder,
+        its view-0 tower alone (:class:`QueryTower`: the model encodes no keys then)."""
+        if self.key_encoder is not None:
+            return QueryTower(self.model)
+        return FlatViews(self.model) if getattr(self.model, "dict_views", False) else self.model
 
     def end_step(self, *, taken: bool) -> None:
         """After the optimizer step (a collective with a queue or a key encoder): the EMA
@@ -158,18 +203,24 @@ class Learner(nn.Module):
             keys = keys.to(torch.promote_types(keys.dtype, torch.float32))
             loss_fn = functools.partial(self.loss_fn, positive_key=keys, labels=labels)
             return cached_backward(model, loss_fn, x0, micro, scaler=accelerator.scaler)
-        n = len(x0)
+        n = rows(x0)
         micro = micro_for(n, micro)
         towers: list[Any] = [model]
-        inputs: list[Any] = [(x0, x1[:n])]
-        if len(x1) > n:
+        inputs: list[Any] = [(x0, take(x1, slice(0, n)))]
+        if isinstance(x0, dict) or isinstance(x1, dict):
+            # Dict views travel as one flat dict of keywords (FlatViews); under DDP the
+            # prepared model already is one (cache_tower), under FSDP it is wrapped here.
+            inner = getattr(model, "module", model)
+            towers = [model if isinstance(inner, FlatViews) else FlatViews(model)]
+            inputs = [FlatViews.flatten(*inputs[0])]
+        if rows(x1) > n:
 
-            def negatives(x: torch.Tensor) -> torch.Tensor:
+            def negatives(*x: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
                 with accelerator.autocast():
-                    return self.model.encode(x, 1)
+                    return self.model.encode(kw if kw else x[0], 1)
 
             towers.append(negatives)
-            inputs.append(x1[n:])
+            inputs.append(take(x1, slice(n, None)))
         # A partial keeps the module visible to cached_backward (it averages the
         # gradient of a learnable temperature over the ranks).
         loss_fn = functools.partial(self.loss_fn, labels=labels)

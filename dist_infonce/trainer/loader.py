@@ -97,7 +97,9 @@ class Batch:
     """One rank's batch of one micro-step, with where it came from.
 
     Attributes:
-        x0, x1: the two views (x1 followed by the explicit negatives, if any).
+        x0, x1: the two views (x1 followed by the explicit negatives, if any); a view is
+            a tensor, or a dict of tensors (a tokenizer's ``input_ids`` and
+            ``attention_mask``; :mod:`~dist_infonce.trainer.views`).
         labels: int64 class labels (``loss.supervised``), else None.
         ids: the rows' identities (table rows, digits indices, ``shard:key``).
         skipped: the bad samples left out of it (``data.on_bad_sample=skip``), named.
@@ -110,8 +112,8 @@ class Batch:
         ranks whose shards ran out (the gather handles it).
     """
 
-    x0: torch.Tensor
-    x1: torch.Tensor
+    x0: Any  # torch.Tensor | dict[str, torch.Tensor] (views.View)
+    x1: Any
     labels: torch.Tensor | None
     ids: list[Any] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -121,10 +123,10 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Pinned copies of the tensors (the DataLoader's pin-memory thread calls this)."""
+        from dist_infonce.trainer.views import pin
+
         labels = None if self.labels is None else self.labels.pin_memory()
-        return dataclasses.replace(
-            self, x0=self.x0.pin_memory(), x1=self.x1.pin_memory(), labels=labels
-        )
+        return dataclasses.replace(self, x0=pin(self.x0), x1=pin(self.x1), labels=labels)
 
 
 def batch_seed(seed: int, *identity: int) -> int:

@@ -154,6 +154,8 @@ def build_model(
         ``two_tower``: one encoder + head per view (inputs may differ), by the view's kind
         (:func:`~dist_infonce.trainer.towers.encoder_for`): an MLP on flattened vectors,
         a small CNN for images, an embedding bag + MLP for text.
+        ``hf:<dir>``, ``timm:<arch>``, ``open_clip:<arch>``, ``two_tower`` with
+        ``model.towers``: the ecosystem's towers (:mod:`~dist_infonce.trainer.zoo`).
 
     Args:
         cfg: the ``model`` section.
@@ -168,7 +170,10 @@ def build_model(
             ``nn.Module``.
     """
     from dist_infonce.trainer.towers import encoder_for
+    from dist_infonce.trainer.zoo import build_zoo_model, is_zoo
 
+    if is_zoo(cfg):  # hf: / timm: / open_clip: towers (trainer/zoo.py)
+        return build_zoo_model(cfg, input_kinds)
     d_in = [math.prod(s) for s in input_shapes]
     kinds = input_kinds or ("vector", "vector")
     proj = lambda: mlp(cfg.feature_dim, cfg.hidden_dim, cfg.embedding_dim)

@@ -29,12 +29,12 @@ import re
 import sys
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dist_infonce.trainer.config import ConfigError, DataConfig, ModelConfig
 from dist_infonce.trainer.loader import Batch
@@ -45,11 +45,13 @@ from dist_infonce.trainer.transforms import (
     ViewTransform,
     view_transform,
 )
+from dist_infonce.trainer.views import stack
 
 __all__ = [
     "DEFAULT_SHARD_KEYS",
     "EVAL_ROWS",
     "SHUFFLE_BUFFER",
+    "EvalSamples",
     "TableSource",
     "WebDatasetSource",
     "expand_shards",
@@ -71,11 +73,15 @@ _IMAGE_NAME = r"(?i)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$"
 # --------------------------------------------------------------------------- batches
 
 
-def _stack(samples: list[torch.Tensor], transform: ViewTransform) -> torch.Tensor:
-    """``(B, *shape)``; B may be 0 (every sample skipped, or a rank's shards ran out)."""
+def _stack(samples: list[Any], transform: ViewTransform) -> Any:
+    """``(B, *shape)``, or a dict of them for a transform with ``keys`` (a tokenizer's
+    ``input_ids`` and ``attention_mask``); B may be 0 (every sample skipped, or a rank's
+    shards ran out)."""
+    keys = getattr(transform, "keys", None)
     if not samples:
-        return torch.zeros((0, *transform.shape), dtype=transform.dtype)
-    return torch.stack(samples)
+        empty = lambda: torch.zeros((0, *transform.shape), dtype=transform.dtype)
+        return {k: empty() for k in keys} if keys else empty()
+    return stack(samples)
 
 
 def _labels(values: list[int], has: bool) -> torch.Tensor | None:
@@ -440,64 +446,77 @@ class TableSource:
     # -------------------------------------------------------------- evaluation
 
     def evaluate(self, embed: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[str, float]:
-        """Retrieval recall@1 between the two views over the first :data:`EVAL_ROWS` rows
-        (:func:`pair_recall`).
+        """Retrieval recall@1/5/10 between the two views over the first :data:`EVAL_ROWS`
+        rows (:func:`pair_recall`).
 
-        These are training rows (a table has no held-out split): a check that the towers
-        learnt to match the pairs, not a generalisation score; unreadable rows are left out.
+        These are training rows (a table has no held-out split; ``eval.path`` adds one):
+        a check that the towers learnt to match the pairs, not a generalisation score;
+        unreadable rows are left out.
         """
-        t = self.eval_transforms
-        x0, x1, keys0, keys1 = [], [], [], []
-        for row in range(min(self.num_rows, EVAL_ROWS)):
+        s = self.eval_samples(EVAL_ROWS)
+        return pair_recall(embed, s.x0, s.x1, s.keys0, s.keys1)
+
+    def eval_samples(self, limit: int) -> EvalSamples:
+        """The first ``limit`` rows, preprocessed for evaluation (unreadable rows left out),
+        with their raw values' keys and their labels."""
+        t, out = self.eval_transforms, EvalSamples()
+        for row in range(min(self.num_rows, limit)):
             try:
                 a, b = self._sample(row, (0, 1), t)
             except BadSample:
                 continue
-            x0.append(a)
-            x1.append(b)
-            keys0.append(_key(self._views[0].get(row)))
-            keys1.append(_key(self._views[1].get(row)))
-        return pair_recall(embed, x0, x1, keys0, keys1)
+            label = None if self._label_values is None else int(self._label_values[row])
+            out.add(a, b, _key(self._views[0].get(row)), _key(self._views[1].get(row)), label)
+        return out
+
+
+@dataclass
+class EvalSamples:
+    """Preprocessed evaluation rows of a source: both views, the keys of their raw values
+    (equal values, equal keys: :func:`pair_recall`'s hit rule) and the labels (or None)."""
+
+    x0: list[Any] = field(default_factory=list)
+    x1: list[Any] = field(default_factory=list)
+    keys0: list[Any] = field(default_factory=list)
+    keys1: list[Any] = field(default_factory=list)
+    labels: list[int | None] = field(default_factory=list)
+
+    def add(self, a: Any, b: Any, key0: Any, key1: Any, label: int | None) -> None:
+        self.x0.append(a)
+        self.x1.append(b)
+        self.keys0.append(key0)
+        self.keys1.append(key1)
+        self.labels.append(label)
 
 
 def pair_recall(
     embed: Callable[[torch.Tensor, int], torch.Tensor],
-    x0: Sequence[torch.Tensor],
-    x1: Sequence[torch.Tensor],
+    x0: Sequence[Any],
+    x1: Sequence[Any],
     keys0: Sequence[Any],
     keys1: Sequence[Any],
+    prefix: str = "eval/train_",
 ) -> dict[str, float]:
-    """Retrieval recall@1 between the views of training pairs (the sources' evaluation).
+    """Retrieval recall@1/5/10 between the views of pairs (the sources' evaluation).
 
     A retrieved row counts as a hit when it has the query row's view-0 or view-1 value
     (``keys0``, ``keys1``: every image captioned "a photo of the digit seven" answers
     that caption).
 
     Returns:
-        ``eval/train_recall@1`` (mean of both directions), ``..._a2b`` (view 0 queries
-        view 1), ``..._b2a``; fractions in [0, 1].
+        ``{prefix}recall@k`` (mean of both directions), ``..._a2b`` (view 0 queries
+        view 1), ``..._b2a``, k = 1, 5, 10; fractions in [0, 1]. The prefix is
+        ``eval/train_`` for training rows.
     """
-    e0 = F.normalize(embed(torch.stack(list(x0)), 0).float(), dim=1)
-    e1 = F.normalize(embed(torch.stack(list(x1)), 1).float(), dim=1)
-    a2b = _hit_rate((e0 @ e1.T).argmax(dim=1), keys0, keys1)
-    b2a = _hit_rate((e1 @ e0.T).argmax(dim=1), keys0, keys1)
-    return {
-        "eval/train_recall@1": (a2b + b2a) / 2,
-        "eval/train_recall@1_a2b": a2b,
-        "eval/train_recall@1_b2a": b2a,
-    }
+    from dist_infonce.trainer.retrieval import retrieval_metrics, value_ids
+
+    e0, e1 = embed(stack(x0), 0), embed(stack(x1), 1)
+    return retrieval_metrics(e0, e1, value_ids(keys0), value_ids(keys1), prefix=prefix)
 
 
 def _key(value: Any) -> Any:
     """A comparable stand-in for a raw value (numpy rows compare as bytes)."""
     return value.tobytes() if isinstance(value, np.ndarray) else value
-
-
-def _hit_rate(best: torch.Tensor, keys0: Sequence[Any], keys1: Sequence[Any]) -> float:
-    """Fraction of queries ``i`` whose retrieved row ``j = best[i]`` is row ``i``'s pair up to
-    repeated values: the same view-0 value or the same view-1 value as row ``i``."""
-    hits = sum(keys0[j] == keys0[i] or keys1[j] == keys1[i] for i, j in enumerate(best.tolist()))
-    return hits / len(best)
 
 
 # ------------------------------------------------------------------------- webdataset
@@ -697,21 +716,26 @@ class WebDatasetSource:
         )
 
     def evaluate(self, embed: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[str, float]:
-        """Retrieval recall@1 between the two views over the first :data:`EVAL_ROWS`
+        """Retrieval recall@1/5/10 between the two views over the first :data:`EVAL_ROWS`
         samples of the shard list, in its order (training samples: see
         :func:`pair_recall`); unreadable samples are left out."""
-        x0, x1, keys0, keys1 = [], [], [], []
+        s = self.eval_samples(EVAL_ROWS)
+        return pair_recall(embed, s.x0, s.x1, s.keys0, s.keys1)
+
+    def eval_samples(self, limit: int) -> EvalSamples:
+        """The first ``limit`` samples of the shard list, in its order, preprocessed for
+        evaluation (unreadable ones left out), with their raw values and labels."""
+        out = EvalSamples()
         samples = self.samples(range(len(self.urls)), seed=0, shuffle=False)
-        for sample in itertools.islice(samples, EVAL_ROWS):
+        for sample in itertools.islice(samples, limit):
             try:
-                a, b, _ = self._decode(sample, self.eval_transforms)
+                a, b, label = self._decode(sample, self.eval_transforms)
             except BadSample:
                 continue
-            x0.append(a)
-            x1.append(b)
-            keys0.append(self._raw(sample, 0))
-            keys1.append(self._raw(sample, 1))
-        return pair_recall(embed, x0, x1, keys0, keys1)
+            out.add(
+                a, b, self._raw(sample, 0), self._raw(sample, 1), label if self.label_key else None
+            )
+        return out
 
     def _decode(
         self, sample: dict[str, Any], transforms: Sequence[ViewTransform] | None = None

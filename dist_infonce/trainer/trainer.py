@@ -52,6 +52,7 @@ from dist_infonce.trainer.fsdp import (
     shard_model,
     unsharded_copy,
 )
+from dist_infonce.trainer.heldout import build_evaluation
 from dist_infonce.trainer.launch import make_accelerator, teardown
 from dist_infonce.trainer.learner import Learner, build_learner, check_kernel
 from dist_infonce.trainer.loader import (
@@ -79,6 +80,7 @@ from dist_infonce.trainer.sharded_checkpoint import (
     newest_sharded,
     save_sharded,
 )
+from dist_infonce.trainer.views import to_device
 
 __all__ = ["StepResult", "Trainer"]
 
@@ -134,6 +136,7 @@ class Trainer:
         # Set by setup(), dropped by close() (None outside that span).
         self.accelerator: Any = None  # accelerate.Accelerator, imported only when used
         self.data: Any = None  # ContrastiveData, or a map-style / shard source (loader.py)
+        self.evaluation: Any = None  # evaluate(embed) -> metrics (heldout.py), or None
         self.batches: Stream | None = None  # where every rank's batches come from (loader.py)
         self.learner: nn.Module | None = None
         self.unwrapped: Learner | None = None
@@ -167,6 +170,9 @@ class Trainer:
 
         set_seed(cfg.seed)  # the same initial weights on every rank
         self.data = build_data(cfg.data, knn_k=cfg.eval.knn_k, model=cfg.model)
+        # The data's own evaluation, and the held-out one of eval.path (read and checked
+        # here, on every rank: a problem with it stops the run before training).
+        self.evaluation = build_evaluation(cfg, self.data)
         self.batches = record_batches(
             build_stream(self.data, cfg, rank=self.rank, world=self.world, device=self.device),
             self.rank,
@@ -290,6 +296,9 @@ class Trainer:
                 self.step == cfg.train.steps
             ):
                 self.save()
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                self.evaluate()  # the last step's evaluation follows the loop
+                self.accelerator.wait_for_everyone()
             guard.after_step(self.step)  # after an agreed signal: checkpoint, requeue, raise
         bar.close()
         guard.flag.restore()  # past the loop a signal ends the process as usual
@@ -315,8 +324,8 @@ class Trainer:
             broadcast_buffers(unwrapped)
         for micro in range(cfg.train.grad_accum_steps):
             batch = self._next_batch(done)
-            x0 = batch.x0.to(self.device, non_blocking=True)
-            x1 = batch.x1.to(self.device, non_blocking=True)
+            x0 = to_device(batch.x0, self.device, non_blocking=True)
+            x1 = to_device(batch.x1, self.device, non_blocking=True)
             labels = batch.labels
             labels = None if labels is None else labels.to(self.device, non_blocking=True)
             if self.sharded:  # accelerate's no_sync does not reach FSDP2 modules here
@@ -432,9 +441,11 @@ class Trainer:
         return row
 
     def evaluate(self) -> dict[str, float]:
-        """The data set's evaluation of the frozen features on rank 0 (``eval.enabled``);
-        logged as one ``eval/*`` row and put in the W&B summary. {} elsewhere."""
-        evaluate = getattr(self.data, "evaluate", None)
+        """The evaluation of the frozen features on rank 0 (``eval.enabled``): the data
+        set's own, and the held-out one of ``eval.path`` (:mod:`~dist_infonce.trainer.heldout`);
+        logged as one ``eval/*`` row of the current step and put in the W&B summary. {}
+        elsewhere. The model is left in eval mode (the next training step sets train)."""
+        evaluate = self.evaluation
         if not (self.cfg.eval.enabled and evaluate is not None):
             return {}
         model: nn.Module | None = self.unwrapped.model
@@ -534,6 +545,12 @@ class Trainer:
             "wandb_run_id": self.wandb_id or "",
             "world_size": len(rngs),
             "config": to_dict(self.cfg),
+            # What the views hold: python -m dist_infonce.export rebuilds the model from
+            # the config and these, without reading the data.
+            "inputs": {
+                "shapes": [list(s) for s in self.data.input_shapes],
+                "kinds": list(getattr(self.data, "input_kinds", None) or []),
+            },
         }
 
     def _write(self, state: dict[str, Any], step: int) -> str:
@@ -667,7 +684,7 @@ class Trainer:
         if self.accelerator is not None:
             self.accelerator.free_memory()
         self.learner = self.unwrapped = self.encoder = self.batches = None
-        self.optimizer = self.scheduler = self.guard = self.data = None
+        self.optimizer = self.scheduler = self.guard = self.data = self.evaluation = None
         self.metrics = self._fault_hook = self.accelerator = None
         gc.collect()
         teardown(clean)

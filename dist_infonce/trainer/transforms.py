@@ -13,8 +13,9 @@ byte n-grams (:class:`HashedNgramTokenizer`, embedded by
 :class:`~dist_infonce.trainer.towers.TextBagEncoder`), images decoded by PIL and
 augmented by torchvision. A tower that brings its own tokenizer or image preprocessing
 (Hugging Face, OpenCLIP, timm) returns it from :func:`view_transform` instead, keyed by
-``model.name``. Dict inputs (``input_ids`` + ``attention_mask``) need the dict batches
-of ``cached_backward``; until then a transform returns one tensor.
+``model.name`` / ``model.towers`` (:func:`~dist_infonce.trainer.zoo.tower_transform`). A
+transform with ``keys`` returns a dict of tensors per sample (a tokenizer's
+``input_ids`` and ``attention_mask``, each of ``shape``): the view is then a dict.
 
 Randomness (augmentation) comes from the global ``torch`` / ``random`` / ``numpy``
 RNGs, which the loader seeds once per batch from the batch's identity (seed, epoch,
@@ -235,6 +236,11 @@ def view_transform(
     Raises:
         ConfigError: a view this model cannot take.
     """
+    from dist_infonce.trainer.zoo import tower_transform
+
+    own = tower_transform(kind, view=view, train=train, model=model)
+    if own is not None:  # hf: tokenizer, timm: data config, open_clip: both (trainer/zoo.py)
+        return own
     if kind == "vector":
         if dim is None:
             raise ConfigError(f"view {view}: a vector view needs its length")
