@@ -678,3 +678,17 @@ def test_micro_for_never_leaves_a_one_row_micro_batch() -> None:
             assert rows % m != 1 or m >= rows or (micro == 1 and m == 1), (rows, micro, m)
             if rows % micro != 1:
                 assert m == micro
+
+
+@pytest.mark.parametrize("source,module", [("table", "pyarrow"), ("webdataset", "webdataset")])
+def test_missing_reader_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, module: str
+) -> None:
+    # A user without the [data] extra gets the key and the install line, not an ImportError.
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    cfg = load_config(
+        None, [f"data.name={source}", f"data.path={tmp_path / 'x.parquet'}", "data.columns=[a,b]"]
+    )
+    with pytest.raises(ConfigError, match=rf"data.name={source}: needs the {module} package: "
+                       r"pip install 'dist_infonce\[data\]'"):  # fmt: skip
+        build_data(cfg.data, model=cfg.model)
