@@ -19,7 +19,6 @@ the local batches are equal.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
@@ -36,44 +35,17 @@ from dist_infonce.losses.dispatch import resolve_kernel
 from dist_infonce.losses.labels import class_sums, label_classes
 from dist_infonce.losses.learnable import AveragesOwnGradients
 from dist_infonce.losses.options import LossOptions, OptionField
+from dist_infonce.losses.temperature import MAX_LOGIT_SCALE, clamped_scale, scalar_value
 
 __all__ = ["MAX_SCALE", "SigLIP", "siglip_loss"]
 
 #: Scale or bias: a real number or a one-element floating-point tensor.
 Scalar = float | torch.Tensor
 #: Cap on the learnable scale t (CLIP's cap on its logit scale, OpenCLIP's clamp).
-MAX_SCALE = 100.0
+MAX_SCALE = MAX_LOGIT_SCALE
 
 
 # ----------------------------------------------------------------------- internals
-
-
-def _scalar_value(name: str, value: object, *, positive: bool) -> float:
-    """``value`` as a Python float, checked (one host sync for a tensor).
-
-    Raises:
-        ValueError: naming ``name``, for anything but a real number (bool excluded) or a
-            one-element floating-point tensor, or a value that is not finite (and, with
-            ``positive``, not > 0).
-    """
-    need = "a positive finite" if positive else "a finite"
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(
-                f"{name} must be {need} float or a one-element floating-point tensor, got a "
-                f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-            )
-        v = float(value.detach().reshape(()))
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        v = float(value)
-    else:
-        raise ValueError(
-            f"{name} must be {need} float (a Python or NumPy number) or a one-element "
-            f"floating-point tensor, got {type(value).__name__}"
-        )
-    if not math.isfinite(v) or (positive and v <= 0):
-        raise ValueError(f"{name} must be {'> 0 and ' if positive else ''}finite, got {v}")
-    return v
 
 
 def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
@@ -214,8 +186,8 @@ def siglip_loss(
         gather=gather, group=group,
     )  # fmt: skip
     _check_inputs(x, y, labels, options)
-    _scalar_value("scale", scale, positive=True)
-    _scalar_value("bias", bias, positive=False)
+    scalar_value("scale", scale, positive=True)
+    scalar_value("bias", bias, positive=False)
     return _siglip_loss(
         x, y, scale=_as_tensor(scale, x), bias=_as_tensor(bias, x), labels=labels,
         options=options,
@@ -271,8 +243,8 @@ class SigLIP(AveragesOwnGradients):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        scale = _scalar_value("init_scale", init_scale, positive=True)
-        bias = _scalar_value("init_bias", init_bias, positive=False)
+        scale = scalar_value("init_scale", init_scale, positive=True)
+        bias = scalar_value("init_bias", init_bias, positive=False)
         self.learn = learn
         if learn:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)))
@@ -293,7 +265,7 @@ class SigLIP(AveragesOwnGradients):
     def scale(self) -> torch.Tensor:
         """The multiplier t of the next forward (0-dim)."""
         if self.learn:
-            return _clamped_exp(self.logit_scale)
+            return clamped_scale(self.logit_scale)
         return torch.tensor(self._fixed[0])
 
     @property
@@ -320,7 +292,7 @@ class SigLIP(AveragesOwnGradients):
         dt = compute_dtype(x.dtype)
         if self.learn:
             log_scale, bias = self.rank_averaged(self.logit_scale, self.logit_bias, device=x.device)
-            scale, bias = _clamped_exp(log_scale).to(dt), bias.to(dt)
+            scale, bias = clamped_scale(log_scale).to(dt), bias.to(dt)
         else:
             scale, bias = _as_tensor(self._fixed[0], x), _as_tensor(self._fixed[1], x)
         return _siglip_loss(x, y, scale=scale, bias=bias, labels=labels, options=options)
@@ -332,9 +304,3 @@ class SigLIP(AveragesOwnGradients):
             f"learn={self.learn}, reduction={o.reduction!r}, chunk_size={o.chunk_size}, "
             f"kernel={o.kernel!r}, gather={o.gather}"
         )
-
-
-def _clamped_exp(log_scale: torch.Tensor) -> torch.Tensor:
-    # Clamped in the forward (OpenCLIP clamps the parameter after each step): past 100
-    # the gradient stops pushing.
-    return log_scale.clamp(max=math.log(MAX_SCALE)).exp()

@@ -20,13 +20,43 @@ from torch import nn
 from dist_infonce.kernels import compute_dtype
 from dist_infonce.losses.learnable import AveragesOwnGradients
 
-__all__ = ["MAX_LOGIT_SCALE", "Temperature", "TemperatureModule", "inverse_temperature",
-           "temperature_value"]  # fmt: skip
+__all__ = ["MAX_LOGIT_SCALE", "Temperature", "TemperatureModule", "clamped_scale",
+           "inverse_temperature", "scalar_value", "temperature_value"]  # fmt: skip
 
 #: A float, an int, a NumPy real scalar, or a one-element floating-point tensor.
 Temperature = float | torch.Tensor
 #: CLIP's cap on the learnable logit scale 1 / temperature.
 MAX_LOGIT_SCALE = 100.0
+
+
+def scalar_value(name: str, value: object, *, positive: bool) -> float:
+    """``value`` as a Python float, checked (one host sync for a tensor): the temperature
+    here, SigLIP's scale and bias (:mod:`dist_infonce.losses.siglip`).
+
+    Raises:
+        ValueError: naming ``name``, for anything but a real number (bool excluded) or a
+            one-element floating-point tensor, or a value that is not finite (and, with
+            ``positive``, not > 0).
+    """
+    need = "a positive finite" if positive else "a finite"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be {need} float or a one-element floating-point tensor, got a "
+                f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        v = float(value.detach().reshape(()))  # a bad value is worse than a sync
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        # numbers.Real: int, float, NumPy's integer and floating scalars (not np.bool_).
+        v = float(value)
+    else:
+        raise ValueError(
+            f"{name} must be {need} float (a Python or NumPy number) or a one-element "
+            f"floating-point tensor, got {type(value).__name__}"
+        )
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{name} must be {'> 0 and ' if positive else ''}finite, got {v}")
+    return v
 
 
 def temperature_value(temperature: object) -> float:
@@ -37,25 +67,7 @@ def temperature_value(temperature: object) -> float:
             excluded) or a one-element floating-point tensor, or a value that is not
             positive and finite.
     """
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1 or not temperature.is_floating_point():
-            raise ValueError(
-                "temperature must be a positive finite float or a one-element floating-point "
-                f"tensor, got a tensor of shape {tuple(temperature.shape)} and dtype "
-                f"{temperature.dtype}"
-            )
-        value = float(temperature.detach().reshape(()))  # a bad value is worse than a sync
-    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
-        # numbers.Real: int, float, NumPy's integer and floating scalars (not np.bool_).
-        value = float(temperature)
-    else:
-        raise ValueError(
-            "temperature must be a positive finite float (a Python or NumPy number) or a "
-            f"one-element floating-point tensor, got {type(temperature).__name__}"
-        )
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be > 0 and finite, got {value}")
-    return value
+    return scalar_value("temperature", temperature, positive=True)
 
 
 def inverse_temperature(temperature: Any, like: torch.Tensor) -> torch.Tensor:
@@ -134,7 +146,7 @@ class TemperatureModule(AveragesOwnGradients):
     def temperature(self) -> Temperature:
         """The temperature of the next forward: as given when fixed, a 0-dim tensor when learnable."""
         if self.learn_temperature:
-            return 1.0 / _clamped_scale(self.logit_scale)
+            return 1.0 / clamped_scale(self.logit_scale)
         return self._temperature  # type: ignore[return-value]
 
     @temperature.setter
@@ -150,7 +162,7 @@ class TemperatureModule(AveragesOwnGradients):
         """1 / temperature for this forward. Shape: (); ``like``'s accumulation dtype."""
         if self.learn_temperature:
             (log_scale,) = self.rank_averaged(self.logit_scale, device=like.device)
-            return _clamped_scale(log_scale).to(dtype=compute_dtype(like.dtype))
+            return clamped_scale(log_scale).to(dtype=compute_dtype(like.dtype))
         temperature_value(self._temperature)  # a user-owned tensor may have changed
         own = self.self_averaged_parameters()
         if own:
@@ -165,6 +177,8 @@ class TemperatureModule(AveragesOwnGradients):
         )
 
 
-def _clamped_scale(log_scale: torch.Tensor) -> torch.Tensor:
-    # Clamped in the forward (as CLIP): past 100 the gradient stops pushing.
+def clamped_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(log_scale)`` clamped at :data:`MAX_LOGIT_SCALE` in the forward (CLIP's cap;
+    OpenCLIP clamps the parameter after each step): past 100 the gradient stops pushing.
+    The learnable temperature's logit scale and SigLIP's t."""
     return log_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
