@@ -37,11 +37,12 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:08d}.pt"
 
 
-def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint file in ``directory``, oldest first."""
+def list_checkpoints(directory: Path, name: re.Pattern[str] = _NAME) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint in ``directory``, oldest first: the entries
+    whose name matches ``name`` (group 1: the step; default ``step_<step>.pt``)."""
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := name.match(p.name))]
     return sorted(found)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_infonce.trainer.checkpoint import save_atomic
+from dist_infonce.trainer.checkpoint import list_checkpoints, save_atomic
 
 __all__ = [
     "list_sharded",
@@ -52,10 +52,7 @@ def sharded_path(directory: Path, step: int) -> Path:
 
 def list_sharded(directory: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every sharded checkpoint directory in ``directory``, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return sorted(found)
+    return list_checkpoints(directory, _NAME)
 
 
 def prune_sharded(directory: Path, keep: int) -> list[Path]:
